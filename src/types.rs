@@ -1,0 +1,53 @@
+//! Newtypes that keep the project's address spaces apart.
+//!
+//! A guest page index, a byte offset in a disk image and the index of a stored
+//! blob are all `u64`s underneath; mixing them up is the classic bug of this kind
+//! of code, so each gets its own type (after vm-memory's `GuestAddress`).
+
+use std::fmt;
+
+/// Size of a guest page and of a disk block, in bytes. The format fixes it at 4 KiB.
+pub const PAGE_SIZE: usize = 4096;
+
+/// [`PAGE_SIZE`] as a `u64`, for offset arithmetic.
+pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
+
+/// Index of a guest page: guest physical address / [`PAGE_SIZE`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageIndex(pub u64);
+
+impl PageIndex {
+    /// Guest physical byte address of the first byte of this page.
+    pub fn byte_offset(self) -> u64 {
+        self.0 * PAGE_SIZE_U64
+    }
+
+    /// The page that holds guest physical byte address `addr`.
+    pub fn containing(addr: u64) -> Self {
+        PageIndex(addr / PAGE_SIZE_U64)
+    }
+}
+
+impl fmt::Display for PageIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page {} (guest address {:#x})", self.0, self.byte_offset())
+    }
+}
+
+/// Byte offset inside a disk image. DISK references are always 4 KiB aligned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskOffset(pub u64);
+
+impl fmt::Display for DiskOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "disk offset {:#x}", self.0)
+    }
+}
+
+/// Index of a stored page in the checkpoint's blob section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobIndex(pub u64);
+
+/// Index of a backing disk image in the checkpoint's disk table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskIndex(pub u16);
