@@ -3,8 +3,12 @@
 
 pub mod checkpoint;
 pub mod create;
+pub mod disk;
+pub mod format;
 pub mod types;
 
 pub use checkpoint::{Checkpoint, PageEntry, PageSource, ReadCounts};
-pub use create::{create, CreateOptions, DiskHint, Summary};
-pub use types::{BlobIndex, DiskIndex, DiskOffset, PageIndex, PAGE_SIZE};
+pub use checkpoint::{OpenError, OpenOptions, ReadError};
+pub use create::CreateError;
+pub use create::{CreateOptions, DiskHint, Summary, create};
+pub use types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex};

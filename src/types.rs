@@ -30,7 +30,12 @@ impl PageIndex {
 
 impl fmt::Display for PageIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "page {} (guest address {:#x})", self.0, self.byte_offset())
+        write!(
+            f,
+            "page {} (guest address {:#x})",
+            self.0,
+            self.byte_offset()
+        )
     }
 }
 
