@@ -338,8 +338,8 @@ impl Checkpoint {
     /// one pread, checking every page's CRC. Thread-safe (`&self`, pread).
     pub fn read_pages(&self, first: PageIndex, out: &mut [u8]) -> Result<ReadCounts, ReadError> {
         let n = (out.len() / PAGE_SIZE) as u64;
-        let end = first.0.checked_add(n).unwrap_or(u64::MAX);
-        if out.len() % PAGE_SIZE != 0 || end > self.header.page_count {
+        let end = first.0.saturating_add(n);
+        if !out.len().is_multiple_of(PAGE_SIZE) || end > self.header.page_count {
             return Err(ReadError::OutOfRange {
                 first: first.0,
                 end,

@@ -291,7 +291,7 @@ impl Classifier<'_> {
 /// and write the checkpoint to `out` (atomically: a temp file renamed at the end).
 pub fn create(mem: &[u8], opts: &CreateOptions, out: &Path) -> Result<Summary, CreateError> {
     let start = Instant::now();
-    if mem.len() % PAGE_SIZE != 0 {
+    if !mem.len().is_multiple_of(PAGE_SIZE) {
         return Err(CreateError::MemSize(mem.len() as u64));
     }
     let disks = open_disks(&opts.disks, out)?;
@@ -442,4 +442,69 @@ fn temp_path(out: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     out.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// A raw guest memory image opened for [`create`] or `verify`, mapped read-only.
+pub struct MemoryImage {
+    map: Option<Mmap>,
+}
+
+/// Errors from opening a memory image.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryImageError {
+    /// Open, stat or mmap failed.
+    #[error("memory image {path}")]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Not whole pages.
+    #[error(
+        "memory image {path} is {size} bytes, not a multiple of 4096 (is it a raw memory dump?)"
+    )]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+}
+
+impl MemoryImage {
+    /// Open and map `path`, checking it is whole 4 KiB pages.
+    pub fn open(path: &Path) -> Result<Self, MemoryImageError> {
+        let io_err = |source| MemoryImageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        if meta.len() % PAGE_SIZE_U64 != 0 {
+            return Err(MemoryImageError::Size {
+                path: path.to_owned(),
+                size: meta.len(),
+            });
+        }
+        if meta.len() == 0 {
+            return Ok(MemoryImage { map: None });
+        }
+        // SAFETY: read-only map of a file we only read; a concurrent truncation
+        // by another process would SIGBUS, as with any mmap reader.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io_err)?;
+        Ok(MemoryImage { map: Some(map) })
+    }
+
+    /// The image's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
+    }
 }

@@ -277,13 +277,10 @@ impl Header {
                 "page table length does not match the page count",
             ));
         }
-        if self.blobs_offset % PAGE_SIZE_U64 != 0 {
+        if !self.blobs_offset.is_multiple_of(PAGE_SIZE_U64) {
             return Err(FormatError::BadLayout("blob section is not 4096-aligned"));
         }
-        let blobs_len = self
-            .blob_count
-            .checked_mul(PAGE_SIZE_U64)
-            .unwrap_or(u64::MAX);
+        let blobs_len = self.blob_count.saturating_mul(PAGE_SIZE_U64);
         let sections = [
             ("disk table", self.disks_offset, self.disks_len),
             ("page table", self.table_offset, self.table_len),

@@ -1,0 +1,326 @@
+//! Subcommands of the `ckptfs` CLI.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use ckptfs::verify::{self, Inspection, VerifyReport};
+use ckptfs::{Checkpoint, CreateOptions, MemoryImage, Summary};
+use clap::{Parser, Subcommand};
+
+/// Space-optimized VM memory checkpoints and lazy restore through FUSE.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make a checkpoint from a raw guest memory dump and the guest's raw disk images.
+    Create {
+        /// Raw guest memory dump (e.g. QEMU memory-backend-file, Firecracker memory file).
+        #[arg(long)]
+        mem: PathBuf,
+        /// Raw disk image whose blocks the guest's page cache may hold (repeatable).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
+        /// Opaque VMM state to store in the checkpoint.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Output checkpoint.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a checkpoint holds.
+    Inspect {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild every page, check every CRC, and optionally compare with the original dump.
+    Verify {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// The original raw memory dump, compared byte for byte.
+        #[arg(long)]
+        mem: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a checkpoint's guest RAM as a FUSE file (runs ckptfs-mountd).
+    #[command(trailing_var_arg = true)]
+    Mount {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// Where to mount.
+        mountpoint: PathBuf,
+        /// Further ckptfs-mountd options (--foreground, --prefetch, --cache-mb, ...).
+        #[arg(allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Create {
+            mem,
+            disk,
+            state,
+            output,
+            json,
+        } => create(&mem, disk, state, &output, json),
+        Command::Inspect { checkpoint, json } => inspect(&checkpoint, json),
+        Command::Verify {
+            checkpoint,
+            mem,
+            json,
+        } => verify_cmd(&checkpoint, mem.as_deref(), json),
+        Command::Mount {
+            checkpoint,
+            mountpoint,
+            args,
+        } => mount(&checkpoint, &mountpoint, &args),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn create(
+    mem: &Path,
+    disks: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    out: &Path,
+    json: bool,
+) -> Result<ExitCode> {
+    if same_file(mem, out) || state.as_deref().is_some_and(|s| same_file(s, out)) {
+        bail!(
+            "output {} is one of the input files; refusing to overwrite it",
+            out.display()
+        );
+    }
+    let image = MemoryImage::open(mem)?;
+    let vmm_state = match state {
+        Some(p) => {
+            Some(std::fs::read(&p).with_context(|| format!("VMM state file {}", p.display()))?)
+        }
+        None => None,
+    };
+    let opts = CreateOptions {
+        disks,
+        scan_disks: true,
+        vmm_state,
+        progress: std::io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    let summary = ckptfs::create(image.bytes(), &opts, out)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(out, &summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+fn print_summary(out: &Path, s: &Summary) {
+    println!(
+        "wrote {} in {:.2}s ({:.0} MiB/s of guest RAM)",
+        out.display(),
+        s.seconds,
+        mib(s.guest_bytes) / s.seconds.max(1e-9)
+    );
+    println!(
+        "  guest RAM   {:>10.1} MiB  {:>9} pages",
+        mib(s.guest_bytes),
+        s.pages
+    );
+    println!(
+        "  zero        {:>10.1} MiB  {:>9} pages  {:5.1}%",
+        mib(s.zero_pages * 4096),
+        s.zero_pages,
+        pct(s.zero_pages, s.pages)
+    );
+    println!(
+        "  disk        {:>10.1} MiB  {:>9} pages  {:5.1}%",
+        mib(s.disk_pages * 4096),
+        s.disk_pages,
+        pct(s.disk_pages, s.pages)
+    );
+    println!(
+        "  blob        {:>10.1} MiB  {:>9} pages  {:5.1}%  ({} stored after dedup)",
+        mib(s.blob_pages * 4096),
+        s.blob_pages,
+        pct(s.blob_pages, s.pages),
+        s.blobs_stored
+    );
+    println!(
+        "  checkpoint  {:>10.1} MiB  = {:.1}% of guest RAM",
+        mib(s.checkpoint_bytes),
+        100.0 * s.size_ratio
+    );
+}
+
+fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
+    let ck = Checkpoint::open(path)?;
+    let ins = verify::inspect(&ck);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+    } else {
+        print_inspection(&ins);
+    }
+    Ok(if ins.invalid_entries == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_inspection(i: &Inspection) {
+    println!(
+        "{}: ckptfs checkpoint, format version {}",
+        i.path, i.version
+    );
+    println!(
+        "  guest RAM   {:>10.1} MiB  {:>9} pages",
+        mib(i.guest_bytes),
+        i.pages
+    );
+    println!(
+        "  zero        {:>10} pages  {:5.1}%",
+        i.zero_pages,
+        pct(i.zero_pages, i.pages)
+    );
+    println!(
+        "  disk        {:>10} pages  {:5.1}%",
+        i.disk_pages,
+        pct(i.disk_pages, i.pages)
+    );
+    println!(
+        "  blob        {:>10} pages  {:5.1}%  ({} stored)",
+        i.blob_pages,
+        pct(i.blob_pages, i.pages),
+        i.blobs_stored
+    );
+    println!("  VMM state   {:>10} bytes", i.vmm_state_bytes);
+    println!(
+        "  checkpoint  {:>10.1} MiB  = {:.1}% of guest RAM",
+        mib(i.checkpoint_bytes),
+        100.0 * i.size_ratio
+    );
+    for (n, d) in i.disks.iter().enumerate() {
+        println!(
+            "  disk {n}: {} ({:.1} MiB, {} pages reference it)",
+            d.path,
+            mib(d.size),
+            d.pages
+        );
+    }
+    if i.invalid_entries > 0 {
+        println!("  INVALID page-table entries: {}", i.invalid_entries);
+    }
+}
+
+fn verify_cmd(path: &Path, mem: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let ck = Checkpoint::open(path)?;
+    let dump = mem.map(MemoryImage::open).transpose()?;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(ck.page_count())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let report = verify::verify(&ck, dump.as_ref().map(MemoryImage::bytes), |done| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(path, &report);
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_report(path: &Path, r: &VerifyReport) {
+    let against = if r.compared_with_dump {
+        " and matches the memory dump"
+    } else {
+        ""
+    };
+    if r.ok() {
+        println!(
+            "{}: OK: all {} pages rebuild with correct CRCs{against}",
+            path.display(),
+            r.pages
+        );
+        return;
+    }
+    eprintln!(
+        "{}: FAILED: {} of {} pages are bad",
+        path.display(),
+        r.bad_pages,
+        r.pages
+    );
+    for b in &r.first_bad {
+        eprintln!("  page {}: {}", b.page, b.problem);
+    }
+    if r.bad_pages as usize > r.first_bad.len() {
+        eprintln!(
+            "  ... and {} more",
+            r.bad_pages as usize - r.first_bad.len()
+        );
+    }
+}
+
+/// Find `ckptfs-mountd` next to this executable, else on PATH.
+fn mountd_path() -> PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("ckptfs-mountd")));
+    sibling
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("ckptfs-mountd"))
+}
+
+fn mount(ckpt: &Path, mountpoint: &Path, args: &[String]) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let daemon = mountd_path();
+    let err = std::process::Command::new(&daemon)
+        .arg(ckpt)
+        .arg(mountpoint)
+        .args(args)
+        .exec();
+    bail!(
+        "running {}: {err} (is ckptfs-mountd built and installed?)",
+        daemon.display()
+    )
+}

@@ -1,0 +1,207 @@
+//! `verify` and `inspect`: rebuild every page and check it, or summarize a checkpoint.
+
+use crate::checkpoint::{Checkpoint, PageSource, ReadError};
+use crate::types::{PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
+
+/// Pages per read while verifying (1 MiB).
+const CHUNK_PAGES: u64 = 256;
+/// Bad pages listed in a report at most.
+pub const MAX_LISTED: usize = 16;
+
+/// One page that failed verification.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BadPage {
+    /// Page index.
+    pub page: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Result of [`verify`].
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Pages checked.
+    pub pages: u64,
+    /// Pages that failed (CRC, source read, invalid entry, or differing from the dump).
+    pub bad_pages: u64,
+    /// The first [`MAX_LISTED`] bad pages.
+    pub first_bad: Vec<BadPage>,
+    /// Whether the rebuilt memory was compared with an original dump.
+    pub compared_with_dump: bool,
+}
+
+impl VerifyReport {
+    /// True when every page checked out.
+    pub fn ok(&self) -> bool {
+        self.bad_pages == 0
+    }
+
+    fn record(&mut self, page: u64, problem: String) {
+        self.bad_pages += 1;
+        if self.first_bad.len() < MAX_LISTED {
+            self.first_bad.push(BadPage { page, problem });
+        }
+    }
+}
+
+/// Rebuild every page of `ck`, check its CRC, and, given `dump` (the original
+/// raw memory), compare byte for byte. `progress` is called with pages done.
+pub fn verify(ck: &Checkpoint, dump: Option<&[u8]>, mut progress: impl FnMut(u64)) -> VerifyReport {
+    let pages = ck.page_count();
+    let mut report = VerifyReport {
+        pages,
+        compared_with_dump: dump.is_some(),
+        ..Default::default()
+    };
+    if let Some(d) = dump
+        && d.len() as u64 != ck.guest_size()
+    {
+        report.record(
+            0,
+            format!(
+                "dump is {} bytes, checkpoint guest memory is {}",
+                d.len(),
+                ck.guest_size()
+            ),
+        );
+        return report;
+    }
+    let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE_SIZE];
+    let mut first = 0;
+    while first < pages {
+        let n = CHUNK_PAGES.min(pages - first);
+        let out = &mut buf[..n as usize * PAGE_SIZE];
+        if ck.read_pages(PageIndex(first), out).is_err() {
+            // Find every bad page of the chunk, one page at a time.
+            for p in first..first + n {
+                let page_buf = &mut out[(p - first) as usize * PAGE_SIZE..][..PAGE_SIZE];
+                if let Err(e) = ck.read_pages(PageIndex(p), page_buf) {
+                    report.record(p, error_chain(&e));
+                    page_buf.fill(0);
+                }
+            }
+        }
+        if let Some(d) = dump {
+            compare(
+                &mut report,
+                first,
+                out,
+                &d[(first * PAGE_SIZE_U64) as usize..][..out.len()],
+            );
+        }
+        first += n;
+        progress(first);
+    }
+    report
+}
+
+fn compare(report: &mut VerifyReport, first: u64, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let listed: Vec<u64> = report.first_bad.iter().map(|b| b.page).collect();
+    for (k, (g, w)) in got
+        .chunks_exact(PAGE_SIZE)
+        .zip(want.chunks_exact(PAGE_SIZE))
+        .enumerate()
+    {
+        let page = first + k as u64;
+        if g != w && !listed.contains(&page) {
+            report.record(page, "rebuilt bytes differ from the memory dump".into());
+        }
+    }
+}
+
+fn error_chain(e: &ReadError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// A disk image as `inspect` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DiskInfo {
+    /// Recorded path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Pages referencing this disk.
+    pub pages: u64,
+}
+
+/// What `inspect` shows.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Inspection {
+    /// Checkpoint path.
+    pub path: String,
+    /// Format version.
+    pub version: u32,
+    /// Guest memory size in bytes.
+    pub guest_bytes: u64,
+    /// Guest pages.
+    pub pages: u64,
+    /// ZERO pages.
+    pub zero_pages: u64,
+    /// DISK pages.
+    pub disk_pages: u64,
+    /// BLOB pages (including duplicates).
+    pub blob_pages: u64,
+    /// Distinct blobs stored.
+    pub blobs_stored: u64,
+    /// VMM-state bytes.
+    pub vmm_state_bytes: u64,
+    /// Checkpoint file size.
+    pub checkpoint_bytes: u64,
+    /// checkpoint_bytes / guest_bytes.
+    pub size_ratio: f64,
+    /// Backing disks.
+    pub disks: Vec<DiskInfo>,
+    /// Invalid page-table entries (should be 0).
+    pub invalid_entries: u64,
+}
+
+/// Summarize `ck` by walking its page table.
+pub fn inspect(ck: &Checkpoint) -> Inspection {
+    let mut disks: Vec<DiskInfo> = ck
+        .disk_records()
+        .iter()
+        .map(|r| DiskInfo {
+            path: r.path.display().to_string(),
+            size: r.size,
+            pages: 0,
+        })
+        .collect();
+    let mut ins = Inspection {
+        path: ck.path().display().to_string(),
+        version: crate::format::VERSION,
+        guest_bytes: ck.guest_size(),
+        pages: ck.page_count(),
+        blobs_stored: ck.header().blob_count,
+        vmm_state_bytes: ck.vmm_state().len() as u64,
+        checkpoint_bytes: ck.file_size(),
+        ..Default::default()
+    };
+    for p in 0..ck.page_count() {
+        match ck.try_entry(PageIndex(p)).map(|e| e.source) {
+            Ok(PageSource::Zero) => ins.zero_pages += 1,
+            Ok(PageSource::Disk { disk, .. }) => {
+                ins.disk_pages += 1;
+                disks[usize::from(disk.0)].pages += 1;
+            }
+            Ok(PageSource::Blob(_)) => ins.blob_pages += 1,
+            Err(_) => ins.invalid_entries += 1,
+        }
+    }
+    ins.disks = disks;
+    ins.size_ratio = if ins.guest_bytes == 0 {
+        0.0
+    } else {
+        ins.checkpoint_bytes as f64 / ins.guest_bytes as f64
+    };
+    ins
+}

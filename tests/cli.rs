@@ -1,0 +1,283 @@
+//! The `ckptfs` CLI end to end: create / inspect / verify, and every bad-input case.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn ckptfs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ckptfs"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts a failed run printed exactly one line naming `file` and containing `what`.
+fn assert_one_line_error(out: &Output, file: &str, what: &str) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {err}");
+    assert!(lines[0].starts_with("ckptfs: error: "), "{err}");
+    assert!(lines[0].contains(file), "error does not name {file}: {err}");
+    assert!(
+        lines[0].contains(what),
+        "error does not say {what:?}: {err}"
+    );
+}
+
+fn created(f: &Fixture) {
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&f.disk),
+        "-o",
+        s(&f.ckpt),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (zero, disk, blob, _) = expected_counts(&f.plan);
+    assert_eq!(summary["zero_pages"], zero);
+    assert_eq!(summary["disk_pages"], disk);
+    assert_eq!(summary["blob_pages"], blob);
+}
+
+fn hash(p: &Path) -> u32 {
+    crc32fast::hash(&std::fs::read(p).unwrap())
+}
+
+#[test]
+fn create_inspect_verify_round_trip_leaves_inputs_untouched() {
+    let f = fixture(1024, 256, 21);
+    let (mem_before, disk_before) = (hash(&f.mem_path), hash(&f.disk));
+    created(&f);
+    assert_eq!(
+        (hash(&f.mem_path), hash(&f.disk)),
+        (mem_before, disk_before)
+    );
+    let out = ckptfs(&["inspect", s(&f.ckpt), "--json"]);
+    assert!(out.status.success());
+    let ins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ins["pages"], 1024);
+    assert_eq!(ins["disks"][0]["pages"], ins["disk_pages"]);
+    let out = ckptfs(&["verify", s(&f.ckpt), "--mem", s(&f.mem_path)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+#[test]
+fn missing_inputs_are_named() {
+    let f = fixture(16, 16, 1);
+    let missing = f.dir.path().join("nope.img");
+    let out = ckptfs(&["create", "--mem", s(&missing), "-o", s(&f.ckpt)]);
+    assert_one_line_error(&out, "nope.img", "No such file");
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&missing),
+        "-o",
+        s(&f.ckpt),
+    ]);
+    assert_one_line_error(&out, "nope.img", "No such file");
+    let out = ckptfs(&["inspect", s(&missing)]);
+    assert_one_line_error(&out, "nope.img", "No such file");
+    assert!(!f.ckpt.exists());
+}
+
+#[test]
+fn odd_sized_memory_dump_is_refused() {
+    let f = fixture(16, 16, 1);
+    std::fs::write(&f.mem_path, vec![1u8; 4097]).unwrap();
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&f.disk),
+        "-o",
+        s(&f.ckpt),
+    ]);
+    assert_one_line_error(&out, "mem.raw", "not a multiple of 4096");
+}
+
+#[test]
+fn qcow2_disk_gets_conversion_hint() {
+    let f = fixture(16, 16, 1);
+    let q = f.dir.path().join("disk.qcow2");
+    let mut data = b"QFI\xfb\0\0\0\x03".to_vec();
+    data.resize(1 << 16, 0);
+    std::fs::write(&q, data).unwrap();
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&q),
+        "-o",
+        s(&f.ckpt),
+    ]);
+    assert_one_line_error(&out, "disk.qcow2", "qemu-img convert -O raw");
+}
+
+#[test]
+fn output_over_an_input_is_refused() {
+    let f = fixture(16, 16, 1);
+    let before = hash(&f.mem_path);
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&f.disk),
+        "-o",
+        s(&f.mem_path),
+    ]);
+    assert_one_line_error(&out, "mem.raw", "refusing to overwrite");
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&f.disk),
+        "-o",
+        s(&f.disk),
+    ]);
+    assert_one_line_error(&out, "disk.img", "refusing to overwrite");
+    assert_eq!(hash(&f.mem_path), before);
+}
+
+/// Corrupt a copy of a good checkpoint and expect `inspect` to name the problem.
+fn corrupted(f: &Fixture, name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> Output {
+    let mut bytes = std::fs::read(&f.ckpt).unwrap();
+    edit(&mut bytes);
+    let bad = f.dir.path().join(name);
+    std::fs::write(&bad, bytes).unwrap();
+    ckptfs(&["inspect", s(&bad)])
+}
+
+#[test]
+fn corrupted_checkpoints_each_get_a_clear_error() {
+    let f = fixture(256, 64, 9);
+    created(&f);
+    let out = corrupted(&f, "short.ckpt", |b| b.truncate(100));
+    assert_one_line_error(&out, "short.ckpt", "shorter than the 128-byte header");
+    let out = corrupted(&f, "magic.ckpt", |b| b[0] = b'X');
+    assert_one_line_error(&out, "magic.ckpt", "bad magic");
+    let out = corrupted(&f, "version.ckpt", |b| b[8] = 7);
+    assert_one_line_error(&out, "version.ckpt", "version 7 is not supported");
+    let out = corrupted(&f, "hdr.ckpt", |b| b[17] ^= 0x40);
+    assert_one_line_error(&out, "hdr.ckpt", "header checksum mismatch");
+    let out = corrupted(&f, "table.ckpt", |b| b[200] ^= 1);
+    assert_one_line_error(&out, "table.ckpt", "page table checksum mismatch");
+    let out = corrupted(&f, "trunc.ckpt", |b| b.truncate(b.len() - 4096));
+    assert_one_line_error(&out, "trunc.ckpt", "outside");
+}
+
+#[test]
+fn corrupted_blob_fails_verify_naming_the_page() {
+    let f = fixture(256, 64, 13);
+    created(&f);
+    let blob_page = f.plan.iter().position(|p| *p == Planted::Random).unwrap();
+    let ck = ckptfs::Checkpoint::open(&f.ckpt).unwrap();
+    let ckptfs::PageSource::Blob(b) = ck.entry(ckptfs::PageIndex(blob_page as u64)).source else {
+        panic!()
+    };
+    let at = (ck.header().blobs_offset + b.0 * 4096 + 10) as usize;
+    // Deduplicated pages share the blob: every one of them must fail, no other.
+    let sharing = (0..256)
+        .filter(|&p| ck.entry(ckptfs::PageIndex(p)).source == ckptfs::PageSource::Blob(b))
+        .count();
+    drop(ck);
+    let bad = f.dir.path().join("blob.ckpt");
+    let mut bytes = std::fs::read(&f.ckpt).unwrap();
+    bytes[at] ^= 0xff;
+    std::fs::write(&bad, bytes).unwrap();
+    let out = ckptfs(&["verify", s(&bad), "--json"]);
+    assert!(!out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["bad_pages"], sharing);
+    assert_eq!(r["first_bad"][0]["page"], blob_page);
+    assert!(
+        r["first_bad"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("CRC mismatch")
+    );
+}
+
+#[test]
+fn changed_disk_is_caught_by_fingerprint_or_page_crc() {
+    let f = fixture(512, 256, 17);
+    created(&f);
+    // A block the fingerprint does not sample but a page references: only the
+    // per-page CRC catches it, and verify names that page.
+    let sampled = ckptfs::disk::fingerprint_blocks(256 * 4096);
+    let (page, block) = f
+        .plan
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| match p {
+            Planted::Disk(b) if !sampled.contains(b) => Some((i, *b)),
+            _ => None,
+        })
+        .unwrap();
+    let mut disk = std::fs::read(&f.disk).unwrap();
+    disk[block as usize * 4096 + 5] ^= 1;
+    std::fs::write(&f.disk, &disk).unwrap();
+    let out = ckptfs(&["verify", s(&f.ckpt), "--json"]);
+    assert!(!out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bad: Vec<u64> = r["first_bad"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["page"].as_u64().unwrap())
+        .collect();
+    assert!(bad.contains(&(page as u64)), "{r}");
+    assert!(
+        r["first_bad"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("disk.img"),
+        "{r}"
+    );
+    // Resizing the image is caught at open, before any page is served.
+    disk.truncate(disk.len() - 4096);
+    std::fs::write(&f.disk, &disk).unwrap();
+    let out = ckptfs(&["verify", s(&f.ckpt)]);
+    assert_one_line_error(&out, "disk.img", "changed since the checkpoint");
+}
+
+#[test]
+fn verify_against_a_different_dump_names_differing_pages() {
+    let f = fixture(128, 64, 23);
+    created(&f);
+    let mut other = f.mem.clone();
+    other[77 * 4096] ^= 1;
+    let other_path = f.dir.path().join("other.raw");
+    std::fs::write(&other_path, other).unwrap();
+    let out = ckptfs(&["verify", s(&f.ckpt), "--mem", s(&other_path), "--json"]);
+    assert!(!out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["bad_pages"], 1);
+    assert_eq!(r["first_bad"][0]["page"], 77);
+}
