@@ -523,7 +523,7 @@ mod tests {
         b[20] ^= 1;
         assert_eq!(Header::decode(&b, 8195), Err(FormatError::HeaderCrc));
         assert!(matches!(
-            Header::decode(&good, 8000),
+            Header::decode(&good, 8194),
             Err(FormatError::SectionOutOfBounds {
                 section: "VMM state",
                 ..
