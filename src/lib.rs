@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod create;
 pub mod disk;
 pub mod format;
+pub mod synth;
 pub mod types;
 pub mod verify;
 
