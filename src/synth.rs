@@ -85,15 +85,12 @@ pub fn plan(pages: usize, disk_blocks: u64, mix: Mix, seed: u64) -> Vec<Planted>
     let mut randoms: Vec<usize> = Vec::new();
     let mut out = Vec::with_capacity(pages);
     for i in 0..pages {
-        let mut r = (rng.next_u64() % total) as u32;
+        let r = (rng.next_u64() % total) as u32;
         let p = if r < mix.zero {
             Planted::Zero
-        } else if {
-            r -= mix.zero;
-            r < mix.disk && disk_blocks > 0
-        } {
+        } else if r < mix.zero + mix.disk && disk_blocks > 0 {
             Planted::Disk(rng.next_u64() % disk_blocks)
-        } else if r >= mix.disk + mix.random && !randoms.is_empty() {
+        } else if r >= mix.zero + mix.disk + mix.random && !randoms.is_empty() {
             Planted::Repeat(randoms[(rng.next_u64() % randoms.len() as u64) as usize])
         } else {
             Planted::Random
