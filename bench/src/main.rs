@@ -1,6 +1,7 @@
 //! ckptfs benchmarks and the demo.
 
 mod create;
+mod demo;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,15 @@ enum Command {
         /// Disk image in MiB.
         #[arg(long, default_value_t = 512)]
         disk_mib: u64,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The demo: a guest checkpointed, verified, and its numbers printed.
+    Demo {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        guest_mib: u64,
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -68,6 +78,10 @@ fn run(cli: Cli) -> Result<()> {
             for r in create::run(&dir, guest_mib, disk_mib)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
+        }
+        Command::Demo { guest_mib, dir } => {
+            let (_keep, dir) = work_dir(dir)?;
+            demo::run(&dir, guest_mib)?;
         }
     }
     Ok(())

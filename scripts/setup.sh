@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what ckptfs needs on a fresh Debian machine of this project's kind:
+# fuse3 (fusermount3, for mounts and unmounts), fio (filesystem tests and the
+# fio benchmark) and binutils (objcopy, for vmm-lite's guest). Idempotent.
+set -euo pipefail
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v fio >/dev/null || need+=(fio)
+command -v objcopy >/dev/null || need+=(binutils)
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+for dev in /dev/fuse /dev/kvm; do
+  if [ ! -e "$dev" ]; then
+    echo "setup: error: $dev does not exist; ckptfs needs FUSE and KVM" >&2
+    exit 1
+  fi
+done
