@@ -1,0 +1,278 @@
+//! Process lifecycle: detach, open, mount, serve until unmounted, clean up.
+//!
+//! Detaching follows libfuse's `fuse_daemonize`: fork before any thread exists,
+//! the child opens the checkpoint and mounts while its stderr is still the
+//! terminal, then tells the waiting parent over a pipe that the mount is ready;
+//! the parent exits 0 only then, or with the child's status if it failed.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::{Context, bail};
+use ckptfs::Checkpoint;
+use log::{debug, info, warn};
+
+use crate::engine::{Engine, EngineConfig};
+use crate::fs::{CkptFs, NotifierCache};
+use crate::options::Settings;
+use crate::prefetch::Prefetcher;
+use crate::source::PageReader;
+use crate::workingset::{self, WorkingSetError};
+
+/// Write end of the readiness pipe held by a detached child.
+pub struct Ready(fs::File);
+
+impl Ready {
+    /// Tell the parent the mount is ready, then drop the terminal.
+    fn signal(mut self) {
+        let _ = self.0.write_all(b"R");
+        redirect_stdio_to_null();
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Fork; the parent waits for readiness and exits, the child returns its `Ready`.
+/// Must run before any thread is started.
+pub fn detach() -> io::Result<Ready> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just created by pipe2 and are owned only here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded here (documented precondition), so the
+    // child may keep running Rust code after fork.
+    let pid = cvt(unsafe { libc::fork() })?;
+    if pid > 0 {
+        drop(wr);
+        std::process::exit(wait_for_child(fs::File::from(rd), pid));
+    }
+    drop(rd);
+    // SAFETY: setsid has no memory-safety preconditions; it detaches from the terminal's session.
+    unsafe { libc::setsid() };
+    Ok(Ready(fs::File::from(wr)))
+}
+
+fn wait_for_child(mut rd: fs::File, pid: libc::pid_t) -> i32 {
+    let mut b = [0u8; 1];
+    if matches!(rd.read(&mut b), Ok(1)) && b[0] == b'R' {
+        return 0;
+    }
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer; `pid` is our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
+    }
+}
+
+fn redirect_stdio_to_null() {
+    let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+}
+
+/// Block the termination signals in this thread (and every thread it starts
+/// later); the signal thread takes them with sigwait.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// The mount's device number, which names its bdi and its FUSE connection in sysfs.
+fn mount_dev(mountpoint: &Path) -> Option<(u32, u32)> {
+    let dev = fs::metadata(mountpoint).ok()?.dev();
+    Some((libc::major(dev), libc::minor(dev)))
+}
+
+/// Raise the kernel readahead of the mount so buffered sequential reads and
+/// page faults arrive as large FUSE reads (the FUSE bdi starts at 128 KiB).
+fn set_kernel_readahead(dev: (u32, u32), kb: u64) {
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", dev.0, dev.1);
+    match fs::write(&path, kb.to_string()) {
+        Ok(()) => debug!("mountd: {path} = {kb}"),
+        Err(e) => debug!("mountd: cannot set {path}: {e}"),
+    }
+}
+
+fn unmount_on_signals(
+    set: libc::sigset_t,
+    mut unmounter: fuser::SessionUnmounter,
+    mnt: PathBuf,
+    dev: Option<(u32, u32)>,
+) {
+    let mut count = 0;
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        count += 1;
+        if count == 1 {
+            info!("mountd: signal {sig}, unmounting {}", mnt.display());
+            if let Err(e) = unmounter.unmount() {
+                warn!(
+                    "mountd: unmount failed ({e}); detaching lazily, open files stay served until closed"
+                );
+                lazy_unmount(&mnt);
+            }
+        } else if let Some((major, minor)) = dev {
+            // A second signal: abort the connection even if files are still open.
+            let conn = (major << 20) | minor;
+            warn!("mountd: signal {sig} again, aborting FUSE connection {conn}");
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
+        }
+    }
+}
+
+fn lazy_unmount(mnt: &Path) {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+fn load_workingset(s: &Settings, engine: &Engine) -> Vec<u64> {
+    if !s.policy.workingset() || s.record {
+        return Vec::new();
+    }
+    match workingset::load(&s.workingset, engine.guest_size()) {
+        Ok(runs) => {
+            let chunks =
+                workingset::runs_to_chunks(&runs, engine.chunk_pages(), engine.chunk_count());
+            info!(
+                "mountd: working set {}: {} chunks to fetch first",
+                s.workingset.display(),
+                chunks.len()
+            );
+            engine
+                .workingset_loaded
+                .store(chunks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            chunks
+        }
+        Err(WorkingSetError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+            debug!("mountd: no working set at {}", s.workingset.display());
+            Vec::new()
+        }
+        Err(e) => {
+            warn!(
+                "mountd: ignoring working set {}: {}",
+                s.workingset.display(),
+                crate::engine::chain(&e)
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn save_workingset(s: &Settings, engine: &Engine) {
+    let runs = engine.recorded_runs();
+    match workingset::save(&s.workingset, engine.guest_size(), &runs) {
+        Ok(()) => info!(
+            "mountd: recorded working set of {} chunks to {}",
+            runs.len(),
+            s.workingset.display()
+        ),
+        Err(e) => warn!(
+            "mountd: cannot write working set {}: {}",
+            s.workingset.display(),
+            crate::engine::chain(&e)
+        ),
+    }
+}
+
+/// Open the checkpoint, mount, serve until unmounted. `ready` is set when detached.
+pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
+    if !s.mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", s.mountpoint.display());
+    }
+    let ckpt = Checkpoint::open(&s.checkpoint)
+        .with_context(|| format!("cannot use checkpoint {}", s.checkpoint.display()))?;
+    let mtime = fs::metadata(&s.checkpoint).and_then(|m| m.modified())?;
+    let vmm_state = ckpt.vmm_state().to_vec();
+    let reader: Arc<dyn PageReader> = Arc::new(ckpt);
+    let engine = Arc::new(Engine::new(
+        reader,
+        EngineConfig {
+            chunk_bytes: s.chunk_bytes,
+            cache_bytes: s.cache_bytes,
+            policy: s.policy,
+            notify_store: s.notify_store,
+            record: s.record,
+            checkpoint_name: s.checkpoint.display().to_string(),
+        },
+    ));
+    let ws = load_workingset(s, &engine);
+    let fs = CkptFs::new(engine.clone(), vmm_state, mtime);
+
+    let sigset = block_signals();
+    let mut config = fuser::Config::default();
+    config.mount_options = s.mount_options.clone();
+    config.acl = s.acl;
+    config.n_threads = Some(s.threads);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &s.mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", s.mountpoint.display()))?;
+    let dev = mount_dev(&s.mountpoint);
+    if let (Some(dev), true) = (dev, s.readahead_kb > 0) {
+        set_kernel_readahead(dev, s.readahead_kb);
+    }
+    engine.set_kernel_cache(Box::new(NotifierCache(session.notifier())));
+    let unmounter = session.unmount_callable();
+    let mnt = s.mountpoint.clone();
+    thread::Builder::new()
+        .name("ckptfs-signals".into())
+        .spawn(move || unmount_on_signals(sigset, unmounter, mnt, dev))?;
+    let prefetcher = Prefetcher::start(engine.clone(), ws)?;
+    info!(
+        "mountd: serving {} ({} MiB) on {}, prefetch {}",
+        s.checkpoint.display(),
+        engine.guest_size() >> 20,
+        s.mountpoint.display(),
+        s.policy.name()
+    );
+    if let Some(r) = ready {
+        r.signal();
+    }
+    let res = session.run();
+    prefetcher.stop(&engine);
+    if s.record {
+        save_workingset(s, &engine);
+    }
+    info!("mountd: unmounted {}", s.mountpoint.display());
+    res.context("FUSE session failed")
+}
