@@ -1,4 +1,46 @@
 //! ckptfs: space-optimized VM memory checkpoints and lazy restore.
+//!
+//! The pipeline is create -> mount -> restore:
+//!
+//! 1. [`create()`] classifies every page of a raw guest memory image as ZERO, DISK
+//!    (the bytes of a 4 KiB block of one of the VM's disk images, found by a
+//!    content scan or from a VMM's I/O-tracking [`DiskHint`]s) or BLOB (stored
+//!    once per distinct content), and writes a `*.ckpt` file
+//!    ([`format`] documents its layout, `docs/FORMAT.md` byte by byte).
+//! 2. `ckptfs-mountd` (the `mountd` crate) opens it with [`Checkpoint::open`] and
+//!    serves the guest RAM as a FUSE file, rebuilding pages with
+//!    [`Checkpoint::read_pages`] as a VMM faults on them.
+//! 3. A VMM (vmm-lite, QEMU, ...) maps that file `MAP_PRIVATE` as guest memory
+//!    and resumes at once.
+//!
+//! ```
+//! use ckptfs::{Checkpoint, CreateOptions, PageIndex};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // A 4-block disk and a 3-page guest: one page cached from disk block 2,
+//! // one zero page, one page of computed data.
+//! let disk: Vec<u8> = (0..4 * 4096).map(|i| (i / 7) as u8).collect();
+//! std::fs::write(dir.path().join("disk.img"), &disk)?;
+//! let mut mem = vec![0u8; 3 * 4096];
+//! mem[..4096].copy_from_slice(&disk[2 * 4096..3 * 4096]);
+//! mem[2 * 4096..].fill(0xab);
+//!
+//! let opts = CreateOptions {
+//!     disks: vec![dir.path().join("disk.img")],
+//!     scan_disks: true,
+//!     ..Default::default()
+//! };
+//! let summary = ckptfs::create(&mem, &opts, &dir.path().join("vm.ckpt"))?;
+//! assert_eq!((summary.disk_pages, summary.zero_pages, summary.blob_pages), (1, 1, 1));
+//!
+//! let ck = Checkpoint::open(&dir.path().join("vm.ckpt"))?;
+//! let mut restored = vec![0u8; 3 * 4096];
+//! ck.read_pages(PageIndex(0), &mut restored)?;
+//! assert_eq!(restored, mem);
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod checkpoint;
@@ -9,8 +51,8 @@ pub mod synth;
 pub mod types;
 pub mod verify;
 
-pub use checkpoint::{Checkpoint, PageEntry, PageSource, ReadCounts};
-pub use checkpoint::{OpenError, OpenOptions, ReadError};
-pub use create::{CreateError, MemoryImage};
-pub use create::{CreateOptions, DiskHint, Summary, create};
+pub use checkpoint::{
+    Checkpoint, OpenError, OpenOptions, PageEntry, PageSource, ReadCounts, ReadError,
+};
+pub use create::{CreateError, CreateOptions, DiskHint, MemoryImage, Summary, create};
 pub use types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex};
