@@ -127,7 +127,7 @@ fn create(
         progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
-    let summary = ckptfs::create(image.bytes(), &opts, out)?;
+    let summary = ckptfs::create::create_from_image(&image, &opts, out)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

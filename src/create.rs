@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -290,7 +291,70 @@ impl Classifier<'_> {
 /// Classify every page of `mem` (a raw guest memory image, length a multiple of 4096)
 /// and write the checkpoint to `out` (atomically: a temp file renamed at the end).
 pub fn create(mem: &[u8], opts: &CreateOptions, out: &Path) -> Result<Summary, CreateError> {
+    let input = Input {
+        mem,
+        holes: &[],
+        release_behind: false,
+    };
+    create_from(&input, opts, out)
+}
+
+/// [`create`] from a memory image file: holes of a sparse image are ZERO pages
+/// without being read, and classified pages are unmapped behind the scan so the
+/// process's resident memory stays bounded whatever the guest size.
+pub fn create_from_image(
+    image: &MemoryImage,
+    opts: &CreateOptions,
+    out: &Path,
+) -> Result<Summary, CreateError> {
+    let input = Input {
+        mem: image.bytes(),
+        holes: &image.holes,
+        release_behind: true,
+    };
+    create_from(&input, opts, out)
+}
+
+/// Pages classified between two progress updates (and two releases): 64 MiB.
+const RELEASE_PAGES: usize = 16384;
+
+/// The guest memory to classify.
+struct Input<'a> {
+    mem: &'a [u8],
+    /// Sorted page ranges known to be zero (holes of a sparse file).
+    holes: &'a [Range<u64>],
+    /// `mem` is a read-only shared file mapping that may be released behind the scan.
+    release_behind: bool,
+}
+
+/// Drop this process's mapping of `range` (of a read-only shared file mapping);
+/// the bytes stay in the page cache and fault back in if touched again.
+fn release(range: &[u8]) {
+    // SAFETY: only called on ranges of a MemoryImage, a read-only MAP_SHARED
+    // mapping of a file: MADV_DONTNEED there discards nothing but page-table
+    // entries, and a later access re-reads the same bytes from the page cache.
+    let rc = unsafe {
+        libc::madvise(
+            range.as_ptr() as *mut libc::c_void,
+            range.len(),
+            libc::MADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "create: madvise(DONTNEED) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+fn create_from(
+    input: &Input<'_>,
+    opts: &CreateOptions,
+    out: &Path,
+) -> Result<Summary, CreateError> {
     let start = Instant::now();
+    let mem = input.mem;
     if !mem.len().is_multiple_of(PAGE_SIZE) {
         return Err(CreateError::MemSize(mem.len() as u64));
     }
@@ -363,17 +427,29 @@ pub fn create(mem: &[u8], opts: &CreateOptions, out: &Path) -> Result<Summary, C
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.seek(SeekFrom::Start(header.blobs_offset))?;
         bar.set_message("classifying");
+        let zero_entry = format::encode_entry(Location::Zero, format::zero_page_crc());
+        let mut holes = input.holes.iter().peekable();
         for (i, data) in mem.chunks_exact(PAGE_SIZE).enumerate() {
             let page = PageIndex(i as u64);
-            let (loc, store) = c.classify(page, data);
-            if store {
-                w.write_all(data)?;
+            while holes.next_if(|h| h.end <= page.0).is_some() {}
+            if holes.peek().is_some_and(|h| h.contains(&page.0)) {
+                // A hole of a sparse image: zero without faulting the page in.
+                c.summary.zero_pages += 1;
+                c.table.extend_from_slice(&zero_entry);
+            } else {
+                let (loc, store) = c.classify(page, data);
+                if store {
+                    w.write_all(data)?;
+                }
+                c.count(loc);
+                c.table
+                    .extend_from_slice(&format::encode_entry(loc, crc32fast::hash(data)));
             }
-            c.count(loc);
-            c.table
-                .extend_from_slice(&format::encode_entry(loc, crc32fast::hash(data)));
-            if i % 4096 == 4095 {
-                bar.inc(4096 * PAGE_SIZE_U64);
+            if i % RELEASE_PAGES == RELEASE_PAGES - 1 {
+                bar.inc(RELEASE_PAGES as u64 * PAGE_SIZE_U64);
+                if input.release_behind {
+                    release(&mem[(i + 1 - RELEASE_PAGES) * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                }
             }
         }
         header.blob_count = c.summary.blobs_stored;
@@ -447,6 +523,7 @@ fn temp_path(out: &Path) -> PathBuf {
 /// A raw guest memory image opened for [`create`] or `verify`, mapped read-only.
 pub struct MemoryImage {
     map: Option<Mmap>,
+    holes: Vec<Range<u64>>,
 }
 
 /// Errors from opening a memory image.
@@ -495,16 +572,70 @@ impl MemoryImage {
             });
         }
         if meta.len() == 0 {
-            return Ok(MemoryImage { map: None });
+            return Ok(MemoryImage {
+                map: None,
+                holes: Vec::new(),
+            });
         }
         // SAFETY: read-only map of a file we only read; a concurrent truncation
         // by another process would SIGBUS, as with any mmap reader.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io_err)?;
-        Ok(MemoryImage { map: Some(map) })
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        // One front-to-back pass: let the kernel read ahead and drop behind.
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let holes = find_holes(&file, meta.len()).map_err(io_err)?;
+        Ok(MemoryImage {
+            map: Some(map),
+            holes,
+        })
+    }
+
+    /// Page ranges that are holes of the (sparse) file, sorted.
+    pub fn holes(&self) -> &[Range<u64>] {
+        &self.holes
     }
 
     /// The image's bytes.
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or_default()
     }
+}
+
+/// Whole pages inside holes of `file` (SEEK_DATA/SEEK_HOLE), as sorted page ranges.
+fn find_holes(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
+    match seek_holes(file, len) {
+        // A filesystem without SEEK_DATA: treat the whole file as data.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
+        r => r,
+    }
+}
+
+fn seek_holes(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
+    use std::os::fd::AsRawFd;
+    let seek = |off: u64, whence| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a valid open descriptor; it only moves the file offset.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error() {
+            // ENXIO: no data (or hole) at or after `off`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut holes = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let data = seek(at, libc::SEEK_DATA)?.unwrap_or(len).min(len);
+        // Only whole pages of the hole count; a partial page is read normally.
+        let (first, end) = (at.div_ceil(PAGE_SIZE_U64), data / PAGE_SIZE_U64);
+        if end > first {
+            holes.push(first..end);
+        }
+        if data >= len {
+            break;
+        }
+        at = seek(data, libc::SEEK_HOLE)?.unwrap_or(len);
+    }
+    Ok(holes)
 }

@@ -171,3 +171,26 @@ proptest! {
         prop_assert_eq!(out, mem);
     }
 }
+
+#[test]
+fn sparse_image_holes_become_zero_pages_without_reads() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mem_path = dir.path().join("sparse.raw");
+    let f = std::fs::File::create(&mem_path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    // Data at page 0 and in the middle of page 8000 (a partial page of data).
+    f.write_all_at(&[1u8; 4096], 0).unwrap();
+    f.write_all_at(b"data", 8000 * 4096 + 100).unwrap();
+    drop(f);
+    let image = ckptfs::MemoryImage::open(&mem_path).unwrap();
+    assert!(
+        !image.holes().is_empty(),
+        "tmp filesystem should support SEEK_HOLE"
+    );
+    let ckpt = dir.path().join("s.ckpt");
+    let s = ckptfs::create::create_from_image(&image, &CreateOptions::default(), &ckpt).unwrap();
+    assert_eq!((s.zero_pages, s.blob_pages), (16382, 2));
+    let ck = Checkpoint::open(&ckpt).unwrap();
+    assert_eq!(read_all(&ck), image.bytes());
+}
