@@ -2,6 +2,8 @@
 
 mod create;
 mod demo;
+mod plot;
+mod ttr;
 
 use std::path::PathBuf;
 
