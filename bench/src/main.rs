@@ -2,7 +2,10 @@
 
 mod create;
 mod demo;
+mod matrix;
 mod plot;
+mod report;
+mod restore;
 mod ttr;
 
 use std::path::PathBuf;
@@ -30,6 +33,30 @@ enum Command {
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Time-to-responsiveness of every restore method (see bench/RESULTS.md).
+    Restore {
+        /// 512 MiB guests only (a few minutes); the full run adds 1, 2 and 4 GiB.
+        #[arg(long)]
+        quick: bool,
+        /// Workloads, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "pagecache,anon,mixed")]
+        workloads: Vec<String>,
+        /// Guest sizes in MiB, comma separated (overrides --quick's choice).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u64>,
+        /// Repetitions per cell.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds each restored VM serves requests.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where tables (restore.md), plots and raw results go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
     },
     /// The demo: a guest checkpointed, verified, and its numbers printed.
     Demo {
@@ -80,6 +107,17 @@ fn run(cli: Cli) -> Result<()> {
             for r in create::run(&dir, guest_mib, disk_mib)? {
                 println!("{}", serde_json::to_string(&r)?);
             }
+        }
+        Command::Restore { quick, workloads, sizes, reps, duration, dir, out } => {
+            let sizes = if !sizes.is_empty() {
+                sizes
+            } else if quick {
+                vec![512]
+            } else {
+                vec![512, 1024, 2048, 4096]
+            };
+            let (_keep, dir) = work_dir(dir)?;
+            matrix::run(&matrix::Matrix { workloads, sizes, reps, duration }, &dir, &out)?;
         }
         Command::Demo { guest_mib, dir } => {
             let (_keep, dir) = work_dir(dir)?;
