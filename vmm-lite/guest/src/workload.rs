@@ -1,0 +1,214 @@
+//! The workloads: what the heap holds and what a request does with it.
+//!
+//! Heap layout (heap page = (guest address - HEAP_ADDR) / 4096):
+//!
+//! ```text
+//! [0, cache)              page cache: heap page i holds disk block i (read at boot)
+//! [cache, cache + anon)   computed data: never on disk, never zero
+//! [cache + anon, heap)    untouched: stays zero
+//! ```
+//!
+//! A `WORK` request reads a word from each of [`PAGES_PER_REQUEST`] pages of the working set
+//! (cache + anon), 90 % of them from a hot tenth, and sometimes modifies one; page-cache
+//! writes are sometimes written back to disk (a modified page, like a file system flushing it).
+//!
+//! Instruction counts are kept small on purpose: KVM here emulates the guest CPU at about a
+//! microsecond per instruction, so a request is a few hundred instructions, computed data is
+//! a few words per page, and the whole-memory CHECK uses the VMM's hash device.
+
+use crate::{BootInfo, abi, io};
+use core::fmt::Write;
+
+/// Pages a WORK request reads.
+const PAGES_PER_REQUEST: u64 = 8;
+/// Words of computed data written per anon page (spread over the page).
+const ANON_WORDS_PER_PAGE: usize = 4;
+/// One WORK request in this many modifies a working-set page.
+const MODIFY_EVERY: u64 = 32;
+/// One WORK request in this many modifies a page-cache page and writes it back.
+const WRITEBACK_EVERY: u64 = 64;
+/// Write-backs go to the first this many page-cache pages (bounds the VMM's disk overlay).
+const WRITEBACK_PAGES: u64 = 64;
+/// Pages per disk read while filling the page cache.
+const READ_CHUNK_PAGES: u64 = 64;
+const WORDS: usize = (abi::PAGE_SIZE / 8) as usize;
+
+type Page = [u64; WORDS];
+
+/// The workload's whole state besides the heap (lives on the guest's stack).
+#[repr(C)]
+pub struct State {
+    workload: u64,
+    rng: u64,
+    heap_pages: u64,
+    cache_pages: u64,
+    anon_pages: u64,
+    requests: u64,
+    modified: u64,
+    written_back: u64,
+}
+
+fn page(heap_page: u64) -> &'static mut Page {
+    let addr = abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE;
+    // SAFETY: callers pass heap pages below `heap_pages`, which are guest RAM that only this
+    // program uses; requests run one at a time, so no two references are live at once.
+    unsafe { &mut *(addr as *mut Page) }
+}
+
+fn page_addr(heap_page: u64) -> u64 {
+    abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE
+}
+
+/// splitmix64 finaliser: computed data that is neither zero nor on disk.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn hash_words(words: &[u64], seed: u64) -> u64 {
+    const K: u64 = 0x9fb2_1c65_1e98_df25;
+    let mut lanes = [seed, seed ^ 1, seed ^ 2, seed ^ 3];
+    for chunk in words.chunks_exact(4) {
+        for (lane, w) in lanes.iter_mut().zip(chunk) {
+            *lane = (*lane ^ w).wrapping_mul(K).rotate_left(31);
+        }
+    }
+    for w in words.chunks_exact(4).remainder() {
+        lanes[0] = (lanes[0] ^ w).wrapping_mul(K).rotate_left(31);
+    }
+    mix(lanes[0] ^ lanes[1].rotate_left(16) ^ lanes[2].rotate_left(32) ^ lanes[3].rotate_left(48))
+}
+
+impl State {
+    /// Lays out the heap for the boot info's workload and fills it.
+    pub fn init(info: &BootInfo) -> Self {
+        let heap_pages = info.mem_size.saturating_sub(abi::HEAP_ADDR) / abi::PAGE_SIZE;
+        let disk_pages = info.disk_size / abi::PAGE_SIZE;
+        let (cache_pages, anon_pages) = match info.workload {
+            abi::WORKLOAD_PAGECACHE => (disk_pages.min(heap_pages * 3 / 4), 0),
+            abi::WORKLOAD_ANON => (0, heap_pages * 3 / 4),
+            abi::WORKLOAD_MIXED => (disk_pages.min(heap_pages / 3), heap_pages / 3),
+            other => panic!("unknown workload {other}"),
+        };
+        let mut state = State {
+            workload: info.workload,
+            rng: info.seed | 1,
+            heap_pages,
+            cache_pages,
+            anon_pages,
+            requests: 0,
+            modified: 0,
+            written_back: 0,
+        };
+        state.fill_cache();
+        state.fill_anon();
+        let _ = writeln!(
+            io::Serial,
+            "guest: workload {} heap {} pages: cache {}, computed {}, untouched {}",
+            state.workload,
+            heap_pages,
+            cache_pages,
+            anon_pages,
+            heap_pages - cache_pages - anon_pages
+        );
+        state
+    }
+
+    /// Reads disk blocks [0, cache) into heap pages [0, cache). Like an OS allocator, it
+    /// writes each buffer page before the read (its header word), so these pages are dirty
+    /// in KVM's log when the read happens.
+    fn fill_cache(&mut self) {
+        let mut first = 0;
+        while first < self.cache_pages {
+            let n = READ_CHUNK_PAGES.min(self.cache_pages - first);
+            for p in first..first + n {
+                page(p)[0] = 0;
+            }
+            io::disk_read(first * abi::PAGE_SIZE, page_addr(first), n * abi::PAGE_SIZE);
+            first += n;
+        }
+    }
+
+    fn fill_anon(&mut self) {
+        const STRIDE: usize = WORDS / ANON_WORDS_PER_PAGE;
+        for p in self.cache_pages..self.cache_pages + self.anon_pages {
+            let words = page(p);
+            for j in 0..ANON_WORDS_PER_PAGE {
+                words[j * STRIDE] = mix(self.rng ^ (p << 9 | j as u64)) | 1;
+            }
+        }
+    }
+
+    /// xorshift64*.
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A working-set page: 90 % from the hot tenth (every tenth page), else uniform.
+    fn pick(&mut self) -> u64 {
+        let n = self.cache_pages + self.anon_pages;
+        let r = self.next();
+        if n >= 10 && (r >> 40) % 10 < 9 {
+            (r % (n / 10)) * 10 + 3
+        } else {
+            r % n
+        }
+    }
+
+    fn modify(&mut self, p: u64) {
+        let r = self.next();
+        let w = &mut page(p)[(r % WORDS as u64) as usize];
+        *w = w.wrapping_add(1 + (r >> 60));
+        self.modified += 1;
+    }
+
+    /// One unit of work; returns a checksum of the pages it read.
+    pub fn work(&mut self) -> u64 {
+        if self.cache_pages + self.anon_pages == 0 {
+            return 0;
+        }
+        let mut acc = self.requests;
+        for _ in 0..PAGES_PER_REQUEST {
+            let p = self.pick();
+            let w = page(p)[(self.rng % WORDS as u64) as usize];
+            acc = (acc ^ w ^ p).wrapping_mul(0x100_0000_01b3);
+        }
+        if self.next() % MODIFY_EVERY == 0 {
+            let p = self.pick();
+            self.modify(p);
+        }
+        if self.cache_pages > 0 && self.next() % WRITEBACK_EVERY == 0 {
+            let p = self.next() % WRITEBACK_PAGES.min(self.cache_pages);
+            self.modify(p);
+            io::disk_write(p * abi::PAGE_SIZE, page_addr(p), abi::PAGE_SIZE);
+            self.written_back += 1;
+        }
+        self.requests += 1;
+        acc & 0xffff_ffff
+    }
+
+    /// Checksum of everything this program's behaviour depends on: this state and every
+    /// heap page (the untouched ones included, hashed by the VMM's hash device). Changes
+    /// nothing.
+    pub fn check(&self) -> u64 {
+        let fields = [
+            self.workload,
+            self.rng,
+            self.heap_pages,
+            self.cache_pages,
+            self.anon_pages,
+            self.requests,
+            self.modified,
+            self.written_back,
+        ];
+        let heap = io::hash_memory(abi::HEAP_ADDR, self.heap_pages * abi::PAGE_SIZE);
+        let h = mix(hash_words(&fields, 0) ^ heap);
+        // Never 0, and the high half is never 0 either, so the response always carries 64 bits.
+        h | (1 << 63)
+    }
+}

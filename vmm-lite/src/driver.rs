@@ -1,0 +1,229 @@
+//! The closed-loop request driver: hands the guest its next request when it asks (`in` on
+//! the request port), timestamps each response, and decides when to pause the VM.
+//!
+//! A plan is "WORK requests until a limit, then one CHECK"; the VM pauses right after the
+//! CHECK response, so the checksum describes exactly the state that is saved next.
+
+use std::time::{Duration, Instant};
+
+use crate::abi;
+
+/// How many WORK requests to run before the final CHECK.
+#[derive(Clone, Copy, Debug)]
+pub enum WorkLimit {
+    /// Exactly this many.
+    Count(u64),
+    /// As many as fit in this long, counted from the first request handed out.
+    For(Duration),
+}
+
+/// One completed request.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Completion {
+    /// Sequence number within this plan.
+    pub i: u64,
+    /// "work" or "check".
+    pub kind: &'static str,
+    /// Nanoseconds from the driver's origin to the response.
+    pub t_ns: u64,
+    /// Nanoseconds from handing out the request to the response.
+    pub latency_ns: u64,
+    /// The guest's response.
+    pub response: u64,
+}
+
+/// What the machine asks the driver.
+pub trait Driver {
+    /// The guest wants its next request: return the code.
+    fn next_request(&mut self) -> u32;
+    /// The guest answered the current request; return false to pause the VM here.
+    fn completed(&mut self, response: u64) -> bool;
+}
+
+/// Runs WORK requests up to a limit, then a CHECK, then pauses.
+pub struct PlanDriver {
+    limit: WorkLimit,
+    origin: Instant,
+    keep_timeline: bool,
+    first_request: Option<Instant>,
+    issued: Option<(u32, Instant)>,
+    work_done: u64,
+    completions: Vec<Completion>,
+    check: Option<u64>,
+    check_latency_ns: u64,
+    latencies_ns: Vec<u64>,
+}
+
+impl PlanDriver {
+    /// A plan whose timestamps count from `origin`; with `keep_timeline`, every completion
+    /// is kept (otherwise only latencies, for statistics).
+    pub fn new(limit: WorkLimit, origin: Instant, keep_timeline: bool) -> Self {
+        PlanDriver {
+            limit,
+            origin,
+            keep_timeline,
+            first_request: None,
+            issued: None,
+            work_done: 0,
+            completions: Vec::new(),
+            check: None,
+            check_latency_ns: 0,
+            latencies_ns: Vec::new(),
+        }
+    }
+
+    fn more_work(&self, now: Instant) -> bool {
+        match self.limit {
+            WorkLimit::Count(n) => self.work_done < n,
+            WorkLimit::For(d) => self.first_request.is_none_or(|t| now.duration_since(t) < d),
+        }
+    }
+
+    /// When the guest first asked for a request (it had finished booting).
+    pub fn first_request(&self) -> Option<Instant> {
+        self.first_request
+    }
+
+    /// The CHECK response, once the plan has run.
+    pub fn check(&self) -> Option<u64> {
+        self.check
+    }
+
+    /// How long the CHECK took (a full pass over guest memory), ns.
+    pub fn check_latency_ns(&self) -> u64 {
+        self.check_latency_ns
+    }
+
+    /// WORK requests completed.
+    pub fn work_done(&self) -> u64 {
+        self.work_done
+    }
+
+    /// Every completion, when kept.
+    pub fn completions(&self) -> &[Completion] {
+        &self.completions
+    }
+
+    /// Latency statistics of the WORK requests.
+    pub fn latency_stats(&self) -> LatencyStats {
+        LatencyStats::of(&self.latencies_ns)
+    }
+
+    fn nanos_since(&self, earlier: Instant, now: Instant) -> u64 {
+        let _ = self;
+        now.saturating_duration_since(earlier).as_nanos() as u64
+    }
+}
+
+impl Driver for PlanDriver {
+    fn next_request(&mut self) -> u32 {
+        let now = Instant::now();
+        self.first_request.get_or_insert(now);
+        let code = if self.more_work(now) {
+            abi::REQ_WORK
+        } else {
+            abi::REQ_CHECK
+        };
+        self.issued = Some((code, now));
+        code
+    }
+
+    fn completed(&mut self, response: u64) -> bool {
+        let now = Instant::now();
+        let Some((code, issued)) = self.issued.take() else {
+            log::warn!("driver: response {response:#x} without a request");
+            return true;
+        };
+        let latency_ns = self.nanos_since(issued, now);
+        let i = self.work_done + u64::from(self.check.is_some());
+        let kind = if code == abi::REQ_CHECK {
+            "check"
+        } else {
+            "work"
+        };
+        if self.keep_timeline {
+            let t_ns = self.nanos_since(self.origin, now);
+            self.completions.push(Completion {
+                i,
+                kind,
+                t_ns,
+                latency_ns,
+                response,
+            });
+        }
+        if code == abi::REQ_CHECK {
+            self.check = Some(response);
+            self.check_latency_ns = latency_ns;
+            return false;
+        }
+        self.latencies_ns.push(latency_ns);
+        self.work_done += 1;
+        true
+    }
+}
+
+/// Latency summary in microseconds.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LatencyStats {
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl LatencyStats {
+    fn of(latencies_ns: &[u64]) -> Self {
+        if latencies_ns.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = latencies_ns.to_vec();
+        sorted.sort_unstable();
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+        let sum: u64 = sorted.iter().sum();
+        LatencyStats {
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            mean_us: sum as f64 / sorted.len() as f64 / 1e3,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_plan_runs_work_then_check_then_pauses() {
+        let mut d = PlanDriver::new(WorkLimit::Count(2), Instant::now(), true);
+        for _ in 0..2 {
+            assert_eq!(d.next_request(), abi::REQ_WORK);
+            assert!(d.completed(1));
+        }
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
+        assert!(!d.completed(0xabc));
+        assert_eq!(d.check(), Some(0xabc));
+        let kinds: Vec<_> = d.completions().iter().map(|c| (c.i, c.kind)).collect();
+        assert_eq!(kinds, vec![(0, "work"), (1, "work"), (2, "check")]);
+    }
+
+    #[test]
+    fn zero_requests_means_check_only() {
+        let mut d = PlanDriver::new(WorkLimit::Count(0), Instant::now(), false);
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
+        assert!(!d.completed(5));
+        assert!(d.completions().is_empty());
+    }
+
+    #[test]
+    fn latency_percentiles() {
+        let s = LatencyStats::of(&(1..=100).map(|x| x * 1000).collect::<Vec<_>>());
+        assert_eq!(s.max_us, 100.0);
+        assert!((s.p50_us - 50.0).abs() <= 1.0);
+        assert_eq!(s.p99_us, 99.0);
+    }
+}

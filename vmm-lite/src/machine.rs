@@ -1,0 +1,392 @@
+//! The virtual machine: KVM VM + guest RAM + devices, and the run loop with one handler per
+//! kind of exit.
+//!
+//! Devices (port I/O, see `abi`): the serial log, the block device, the hash device, and the
+//! request/response ports that connect the guest to a [`Driver`].
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VmFd};
+
+use crate::abi;
+use crate::block::{BlockDevice, BlockError, DirtyLog};
+use crate::driver::Driver;
+use crate::guest::{self, BootParams, Workload};
+use crate::hashdev;
+use crate::memory::GuestMemory;
+use crate::state::{DeviceState, VmState};
+use crate::vcpu::{KvmVm, RAM_SLOT, VcpuError};
+
+/// How often the run loop applies the dirty log to the I/O tracker (besides before every
+/// disk read and before a checkpoint), so the kernel's bitmap never holds much history.
+const HARVEST_INTERVAL: Duration = Duration::from_secs(1);
+/// Guest log lines kept for error messages.
+const KEPT_LOG_LINES: usize = 8;
+
+/// Errors from running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// KVM setup or vCPU state.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The block device.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// KVM_RUN failed.
+    #[error("KVM_RUN failed at rip {rip:#x}")]
+    Run {
+        /// Guest rip, if readable.
+        rip: u64,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The guest executed `hlt` (it does so after a panic).
+    #[error("guest stopped (hlt at rip {rip:#x}); last guest log: {log}")]
+    Halted {
+        /// Guest rip.
+        rip: u64,
+        /// Last lines of the guest log.
+        log: String,
+    },
+    /// An exit this VMM does not handle (e.g. a triple fault shows as shutdown).
+    #[error("unexpected VM exit {exit} at rip {rip:#x}; last guest log: {log}")]
+    UnexpectedExit {
+        /// The exit, debug-formatted.
+        exit: String,
+        /// Guest rip.
+        rip: u64,
+        /// Last lines of the guest log.
+        log: String,
+    },
+    /// Completing the pending I/O before a pause did not behave as documented.
+    #[error("completing the pending I/O exit before pausing")]
+    Pause(#[source] io::Error),
+    /// Harvesting the dirty log failed.
+    #[error("harvesting the dirty log")]
+    DirtyLog(#[source] io::Error),
+}
+
+/// KVM_GET_DIRTY_LOG on the RAM slot.
+struct KvmDirtyLog<'a> {
+    vm: &'a VmFd,
+    size: u64,
+}
+
+impl DirtyLog for KvmDirtyLog<'_> {
+    fn harvest(&self) -> io::Result<Vec<u64>> {
+        self.vm
+            .get_dirty_log(RAM_SLOT, self.size as usize)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// The guest's log, line by line, at debug level.
+#[derive(Default)]
+struct SerialLog {
+    line: Vec<u8>,
+    last: VecDeque<String>,
+}
+
+impl SerialLog {
+    fn push(&mut self, byte: u8) {
+        if byte != b'\n' {
+            self.line.push(byte);
+            return;
+        }
+        let line = String::from_utf8_lossy(&self.line).into_owned();
+        self.line.clear();
+        log::debug!("guest: {line}");
+        if self.last.len() == KEPT_LOG_LINES {
+            self.last.pop_front();
+        }
+        self.last.push_back(line);
+    }
+
+    fn recent(&self) -> String {
+        let mut lines: Vec<&str> = self.last.iter().map(String::as_str).collect();
+        let partial = String::from_utf8_lossy(&self.line);
+        if !partial.is_empty() {
+            lines.push(&partial);
+        }
+        if lines.is_empty() {
+            "(none)".to_string()
+        } else {
+            lines.join(" | ")
+        }
+    }
+}
+
+/// A VM: vCPU, RAM and devices. Field order is drop order: KVM before the RAM it maps.
+pub struct Machine {
+    kvm: KvmVm,
+    mem: GuestMemory,
+    block: BlockDevice,
+    serial: SerialLog,
+    response_hi: u32,
+    tracking: bool,
+    last_harvest: Instant,
+    workload: Workload,
+    seed: u64,
+    requests_served: u64,
+}
+
+impl Machine {
+    /// Loads the guest into fresh `mem` and sets the vCPU at its entry point. Disk reads are
+    /// tracked when `block` was opened with tracking (dirty logging is then on).
+    pub fn boot(
+        mut mem: GuestMemory,
+        block: BlockDevice,
+        params: &BootParams,
+    ) -> Result<Self, MachineError> {
+        guest::load(&mut mem, params);
+        let tracking = block.tracker().is_some();
+        let kvm = KvmVm::new(&mut mem, tracking)?;
+        kvm.set_boot_registers(guest::boot_sregs, &guest::boot_regs())?;
+        log::info!(
+            "vmm: booting {:?} guest with {} MiB RAM, disk {} ({} MiB)",
+            params.workload,
+            mem.size() >> 20,
+            block.path().display(),
+            block.size() >> 20
+        );
+        Ok(Self::assemble(
+            kvm,
+            mem,
+            block,
+            tracking,
+            params.workload,
+            params.seed,
+            0,
+        ))
+    }
+
+    /// A VM resuming `state` over `mem` (which holds the checkpointed RAM).
+    pub fn restore(
+        mut mem: GuestMemory,
+        mut block: BlockDevice,
+        state: &VmState,
+    ) -> Result<Self, MachineError> {
+        let dev = &state.devices;
+        block.check_size(dev.disk_size)?;
+        let blocks: Vec<_> = dev
+            .overlay_offsets
+            .iter()
+            .zip(state.overlay.chunks_exact(abi::PAGE_SIZE as usize))
+            .map(|(&o, d)| (ckptfs::DiskOffset(o), d))
+            .collect();
+        block.load_overlay(&blocks)?;
+        let tracking = block.tracker().is_some();
+        let kvm = KvmVm::new(&mut mem, tracking)?;
+        kvm.restore(&state.vcpu)?;
+        Ok(Self::assemble(
+            kvm,
+            mem,
+            block,
+            tracking,
+            dev.workload,
+            dev.seed,
+            dev.requests_served,
+        ))
+    }
+
+    fn assemble(
+        kvm: KvmVm,
+        mem: GuestMemory,
+        block: BlockDevice,
+        tracking: bool,
+        workload: Workload,
+        seed: u64,
+        requests_served: u64,
+    ) -> Self {
+        Machine {
+            kvm,
+            mem,
+            block,
+            serial: SerialLog::default(),
+            response_hi: 0,
+            tracking,
+            last_harvest: Instant::now(),
+            workload,
+            seed,
+            requests_served,
+        }
+    }
+
+    /// Guest RAM (stable: the vCPU only runs inside [`Self::run`]).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The block device (and its I/O tracker).
+    pub fn block(&self) -> &BlockDevice {
+        &self.block
+    }
+
+    /// Requests the guest has completed, counting those before a restore.
+    pub fn requests_served(&self) -> u64 {
+        self.requests_served
+    }
+
+    /// Runs the vCPU, serving `driver`, until the driver asks to pause after a response.
+    /// On return the vCPU is at an instruction boundary with no I/O pending.
+    pub fn run(&mut self, driver: &mut dyn Driver) -> Result<(), MachineError> {
+        loop {
+            match self.kvm.vcpu.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    let value = if port == abi::PORT_REQUEST {
+                        driver.next_request()
+                    } else {
+                        log::warn!("vmm: guest read from unknown port {port:#x}");
+                        u32::MAX
+                    };
+                    let n = data.len().min(4);
+                    data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let mut bytes = [0u8; 4];
+                    let n = data.len().min(4);
+                    bytes[..n].copy_from_slice(&data[..n]);
+                    if !self.on_io_out(port, u32::from_le_bytes(bytes), driver)? {
+                        return self.pause();
+                    }
+                }
+                Ok(VcpuExit::Hlt) => return Err(self.on_halt()),
+                Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::InternalError) => {
+                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // union member the kernel filled in.
+                    let internal = unsafe { self.kvm.vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    let exit = format!(
+                        "internal error {} {:x?}",
+                        internal.suberror,
+                        &internal.data[..n]
+                    );
+                    return Err(self.on_unexpected_exit(exit));
+                }
+                Ok(other) => {
+                    let exit = format!("{other:?}");
+                    return Err(self.on_unexpected_exit(exit));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(source) => {
+                    return Err(MachineError::Run {
+                        rip: self.rip(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Handles an `out`; returns false when the driver wants to pause.
+    fn on_io_out(
+        &mut self,
+        port: u16,
+        value: u32,
+        driver: &mut dyn Driver,
+    ) -> Result<bool, MachineError> {
+        match port {
+            abi::PORT_SERIAL => self.serial.push(value as u8),
+            abi::PORT_BLOCK => self.on_block_request(u64::from(value))?,
+            abi::PORT_HASH => hashdev::handle(&mut self.mem, u64::from(value)),
+            abi::PORT_RESPONSE_HI => self.response_hi = value,
+            abi::PORT_RESPONSE => return self.on_response(value, driver),
+            _ => log::warn!("vmm: guest wrote {value:#x} to unknown port {port:#x}"),
+        }
+        Ok(true)
+    }
+
+    fn on_block_request(&mut self, desc: u64) -> Result<(), MachineError> {
+        let dirty = KvmDirtyLog {
+            vm: &self.kvm.vm,
+            size: self.mem.size(),
+        };
+        self.block.handle(&mut self.mem, desc, &dirty)?;
+        Ok(())
+    }
+
+    fn on_response(&mut self, low: u32, driver: &mut dyn Driver) -> Result<bool, MachineError> {
+        let response = u64::from(self.response_hi) << 32 | u64::from(low);
+        self.response_hi = 0;
+        self.requests_served += 1;
+        if self.tracking && self.last_harvest.elapsed() >= HARVEST_INTERVAL {
+            self.harvest_dirty_log()?;
+        }
+        Ok(driver.completed(response))
+    }
+
+    fn on_halt(&self) -> MachineError {
+        MachineError::Halted {
+            rip: self.rip(),
+            log: self.serial.recent(),
+        }
+    }
+
+    fn on_unexpected_exit(&self, exit: String) -> MachineError {
+        MachineError::UnexpectedExit {
+            exit,
+            rip: self.rip(),
+            log: self.serial.recent(),
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.kvm.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+    }
+
+    /// The vCPU stopped at an I/O exit whose instruction KVM completes only on the next
+    /// KVM_RUN (api.rst, KVM_EXIT_IO / immediate_exit): with immediate_exit set, KVM_RUN
+    /// completes it and returns EINTR without running the guest, so the registers are final.
+    fn pause(&mut self) -> Result<(), MachineError> {
+        self.kvm.vcpu.set_kvm_immediate_exit(1);
+        let result = match self.kvm.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
+            Ok(exit) => Err(io::Error::other(format!(
+                "KVM_RUN returned {exit:?} instead of EINTR"
+            ))),
+        };
+        self.kvm.vcpu.set_kvm_immediate_exit(0);
+        result.map_err(MachineError::Pause)
+    }
+
+    /// Applies the guest writes since the last harvest to the I/O tracker.
+    pub fn harvest_dirty_log(&mut self) -> Result<u64, MachineError> {
+        self.last_harvest = Instant::now();
+        if !self.tracking {
+            return Ok(0);
+        }
+        let bitmap = KvmDirtyLog {
+            vm: &self.kvm.vm,
+            size: self.mem.size(),
+        }
+        .harvest()
+        .map_err(MachineError::DirtyLog)?;
+        let tracker = self.block.tracker_mut().expect("tracking is on");
+        Ok(tracker.apply_dirty_bitmap(&bitmap))
+    }
+
+    /// The VMM state of a paused machine (call after [`Self::run`] returned).
+    pub fn save(&self) -> Result<VmState, MachineError> {
+        let (overlay_offsets, overlay): (Vec<u64>, Vec<&[u8]>) =
+            self.block.overlay().map(|(o, d)| (o.0, d)).unzip();
+        let devices = DeviceState {
+            mem_size: self.mem.size(),
+            workload: self.workload,
+            seed: self.seed,
+            disk_size: self.block.size(),
+            disk_path: self.block.path().display().to_string(),
+            overlay_offsets,
+            requests_served: self.requests_served,
+        };
+        Ok(VmState {
+            vcpu: self.kvm.save()?,
+            devices,
+            overlay: overlay.concat(),
+        })
+    }
+}

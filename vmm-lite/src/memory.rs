@@ -1,0 +1,262 @@
+//! Guest RAM: one mapping owned by [`GuestMemory`], unmapped when it is dropped.
+//!
+//! Three kinds, matching the ways a VM starts:
+//! - fresh anonymous memory (boot, and the eager restore baselines),
+//! - a `MAP_PRIVATE` mapping of a memory file (lazy restore: the kernel pages the file in on
+//!   demand, a ckptfs FUSE mount's `memory` file included; guest writes stay in this process's
+//!   copy-on-write pages, the file is only read).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::abi;
+
+/// Errors from setting up guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is not a multiple of 2 MiB or outside the supported range.
+    #[error(
+        "guest RAM size {0} bytes is not supported (a multiple of 2 MiB, {min} MiB to {max} MiB)",
+        min = abi::MIN_MEM >> 20,
+        max = abi::MAX_MEM >> 20
+    )]
+    BadSize(u64),
+    /// Mapping anonymous memory failed.
+    #[error("allocating {size} bytes of guest RAM")]
+    Anonymous {
+        /// Bytes asked for.
+        size: u64,
+        /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
+    /// The memory file could not be opened or inspected.
+    #[error("memory file {path}: cannot open")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The memory file is shorter than guest RAM: mapping it would SIGBUS later.
+    #[error("memory file {path} is {actual} bytes, shorter than guest RAM ({expected} bytes)")]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// Guest RAM size.
+        expected: u64,
+    },
+    /// mmap of the memory file failed.
+    #[error("memory file {path}: cannot map")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the memory file (eager copy) failed.
+    #[error("memory file {path}: read failed at byte {offset}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Guest RAM at guest physical address 0, `size` bytes long.
+pub struct GuestMemory {
+    map: MmapMut,
+}
+
+/// Checks that `size` is a RAM size the page tables and the workloads support.
+pub fn check_size(size: u64) -> Result<(), MemoryError> {
+    let two_mib = 2 << 20;
+    if !(abi::MIN_MEM..=abi::MAX_MEM).contains(&size) || !size.is_multiple_of(two_mib) {
+        return Err(MemoryError::BadSize(size));
+    }
+    Ok(())
+}
+
+impl GuestMemory {
+    /// Fresh zeroed anonymous memory.
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_anon()
+            .map_err(|source| MemoryError::Anonymous { size, source })?;
+        Ok(GuestMemory { map })
+    }
+
+    /// Opens `path` and checks that it holds at least `size` bytes.
+    fn open_file(path: &Path, size: u64) -> Result<File, MemoryError> {
+        let open_err = |source| MemoryError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let actual = file.metadata().map_err(open_err)?.len();
+        if actual < size {
+            return Err(MemoryError::TooShort {
+                path: path.to_owned(),
+                actual,
+                expected: size,
+            });
+        }
+        Ok(file)
+    }
+
+    /// `MAP_PRIVATE` mapping of the first `size` bytes of `path` (read + write): pages come
+    /// from the file on first access, guest writes stay private to this process.
+    pub fn map_file_private(path: &Path, size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let file = Self::open_file(path, size)?;
+        // SAFETY: MAP_PRIVATE: our writes never reach the file. If another process truncates
+        // the file, accesses past the new end raise SIGBUS, as with any file-backed guest RAM;
+        // the size was checked just above, which is all a VMM can do.
+        let map =
+            unsafe { MmapOptions::new().len(size as usize).map_copy(&file) }.map_err(|source| {
+                MemoryError::Map {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+        Ok(GuestMemory { map })
+    }
+
+    /// Anonymous memory filled with the first `size` bytes of `path` (eager restore).
+    pub fn copy_file(path: &Path, size: u64) -> Result<Self, MemoryError> {
+        let file = Self::open_file(path, size)?;
+        let mut mem = Self::anonymous(size)?;
+        const CHUNK: usize = 8 << 20;
+        for (i, chunk) in mem.map.chunks_mut(CHUNK).enumerate() {
+            let offset = (i * CHUNK) as u64;
+            file.read_exact_at(chunk, offset)
+                .map_err(|source| MemoryError::Read {
+                    path: path.to_owned(),
+                    offset,
+                    source,
+                })?;
+        }
+        Ok(mem)
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Host address of guest physical address 0, for KVM_SET_USER_MEMORY_REGION.
+    pub fn host_addr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// All of guest RAM. Only meaningful while the vCPU is not running (this VMM runs the
+    /// vCPU on the calling thread, so outside `Vcpu::run` it is stopped).
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// All of guest RAM, writable (same caveat as [`Self::as_slice`]).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// `len` bytes at guest physical address `addr`, or None when the range is not RAM.
+    pub fn range(&self, addr: u64, len: u64) -> Option<&[u8]> {
+        let end = addr.checked_add(len)?;
+        self.map
+            .get(usize::try_from(addr).ok()?..usize::try_from(end).ok()?)
+    }
+
+    /// Writable `len` bytes at guest physical address `addr`, or None when not RAM.
+    pub fn range_mut(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
+        let end = addr.checked_add(len)?;
+        self.map
+            .get_mut(usize::try_from(addr).ok()?..usize::try_from(end).ok()?)
+    }
+
+    /// Reads a little-endian u64 at `addr` (None when not RAM).
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        Some(u64::from_le_bytes(self.range(addr, 8)?.try_into().ok()?))
+    }
+
+    /// Reads a little-endian u32 at `addr` (None when not RAM).
+    pub fn read_u32(&self, addr: u64) -> Option<u32> {
+        Some(u32::from_le_bytes(self.range(addr, 4)?.try_into().ok()?))
+    }
+
+    /// Writes `bytes` at `addr` (None when not RAM).
+    pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Option<()> {
+        self.range_mut(addr, bytes.len() as u64)?
+            .copy_from_slice(bytes);
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn short_memory_file_is_refused_with_sizes() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![1u8; MIB as usize]).unwrap();
+        let err = GuestMemory::map_file_private(f.path(), 4 * MIB)
+            .err()
+            .unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains("shorter than guest RAM"), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn private_file_mapping_reads_file_and_keeps_writes_private() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![7u8; 4 * MIB as usize]).unwrap();
+        let mut mem = GuestMemory::map_file_private(f.path(), 4 * MIB).unwrap();
+        assert_eq!(mem.read_u32(4096), Some(0x0707_0707));
+        mem.write(4096, &[0, 0, 0, 0]).unwrap();
+        assert_eq!(mem.read_u32(4096), Some(0));
+        assert_eq!(std::fs::read(f.path()).unwrap()[4096], 7);
+    }
+
+    #[test]
+    fn eager_copy_equals_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        let mem = GuestMemory::copy_file(f.path(), 4 * MIB).unwrap();
+        assert_eq!(mem.as_slice(), &data[..]);
+    }
+
+    #[test]
+    fn odd_sizes_are_refused() {
+        assert!(GuestMemory::anonymous(3 * MIB).is_err());
+        assert!(GuestMemory::anonymous(abi::MAX_MEM + 2 * MIB).is_err());
+        assert!(GuestMemory::anonymous(4 * MIB).is_ok());
+    }
+
+    #[test]
+    fn ranges_outside_ram_are_none() {
+        let mem = GuestMemory::anonymous(4 * MIB).unwrap();
+        assert!(mem.range(4 * MIB - 4, 8).is_none());
+        assert!(mem.range(u64::MAX, 2).is_none());
+        assert_eq!(mem.read_u64(4 * MIB - 8), Some(0));
+    }
+}

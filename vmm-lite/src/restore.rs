@@ -1,0 +1,353 @@
+//! `vmm-lite restore`: resume a checkpointed VM and time every request.
+//!
+//! Guest RAM comes from one of three places, matching the restore strategies compared:
+//! - `Map`: `MAP_PRIVATE` of a memory file; pages come in on first touch (lazy). The file may
+//!   be a ckptfs FUSE mount's `memory` file or a raw dump;
+//! - `Eager`: the whole memory file copied into anonymous memory first (eager, raw);
+//! - `Checkpoint`: every page rebuilt through `ckptfs::Checkpoint::read_pages` first
+//!   (eager, space-optimized).
+//!
+//! Timestamps count from `origin` (the start of the command), so the time-to-responsiveness
+//! includes mapping or copying memory.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ckptfs::{Checkpoint, PageIndex, ReadCounts};
+
+use crate::block::{BlockDevice, BlockError};
+use crate::driver::{Completion, LatencyStats, PlanDriver, WorkLimit};
+use crate::machine::{Machine, MachineError};
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::run::hex;
+use crate::state::{self, StateError, VmState};
+
+/// Where guest RAM comes from.
+#[derive(Clone, Debug)]
+pub enum MemorySource {
+    /// `MAP_PRIVATE` of this file (lazy).
+    Map(PathBuf),
+    /// This file copied into anonymous memory first.
+    Eager(PathBuf),
+    /// Every page rebuilt from this checkpoint first.
+    Checkpoint(PathBuf),
+}
+
+impl MemorySource {
+    fn mode(&self) -> &'static str {
+        match self {
+            MemorySource::Map(_) => "mmap",
+            MemorySource::Eager(_) => "eager",
+            MemorySource::Checkpoint(_) => "ckpt-eager",
+        }
+    }
+}
+
+/// What `restore` does.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// Guest RAM.
+    pub memory: MemorySource,
+    /// VMM state file; None = the checkpoint's state section (with `MemorySource::Checkpoint`).
+    pub state: Option<PathBuf>,
+    /// Disk image.
+    pub disk: PathBuf,
+    /// WORK requests before the final CHECK.
+    pub limit: WorkLimit,
+    /// Where to write one JSON line per completed request ("-" = stdout).
+    pub timeline: Option<PathBuf>,
+    /// Start of the command: timestamps count from here.
+    pub origin: Instant,
+}
+
+/// What `restore` did (printed as JSON).
+#[derive(Debug, serde::Serialize)]
+pub struct RestoreReport {
+    /// mmap, eager or ckpt-eager.
+    pub mode: &'static str,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Time to map or fill guest RAM, ms.
+    pub memory_ms: f64,
+    /// Command start to the vCPU ready to run, ms.
+    pub resume_ms: f64,
+    /// Command start to the first response, ms.
+    pub first_response_ms: f64,
+    /// WORK requests served.
+    pub requests: u64,
+    /// Command start to the last WORK response, ms.
+    pub last_response_ms: f64,
+    /// WORK requests per second, from the first request handed out.
+    pub requests_per_sec: f64,
+    /// WORK latencies.
+    pub latency: LatencyStats,
+    /// The final CHECK (hex).
+    pub check: String,
+    /// How long the CHECK took, ms.
+    pub check_ms: f64,
+    /// Requests the guest has completed in its life, including before the checkpoint.
+    pub requests_served: u64,
+    /// Bytes rebuilt by source (ckpt-eager only).
+    pub rebuilt: Option<RebuiltBytes>,
+}
+
+/// Bytes `read_pages` rebuilt, by source.
+#[derive(Debug, serde::Serialize)]
+pub struct RebuiltBytes {
+    /// Zero pages.
+    pub zero_bytes: u64,
+    /// From disk images.
+    pub disk_bytes: u64,
+    /// From the blob section.
+    pub blob_bytes: u64,
+    /// preads on disk images.
+    pub disk_reads: u64,
+}
+
+/// Errors from `restore`.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The state file could not be read.
+    #[error("state file {path}: cannot read")]
+    StateRead {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The state is invalid.
+    #[error("state {origin}")]
+    State {
+        /// "file <path>" or "section of checkpoint <path>".
+        origin: String,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// Neither a state file nor a checkpoint was given.
+    #[error("no VMM state: give --state (or --ckpt, whose state section is used)")]
+    NoState,
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The disk image.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// Running the VM.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Opening the checkpoint failed.
+    #[error("checkpoint {path}: cannot open")]
+    CheckpointOpen {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The library error.
+        #[source]
+        source: ckptfs::checkpoint::OpenError,
+    },
+    /// Rebuilding pages from the checkpoint failed.
+    #[error("checkpoint {path}: rebuilding guest RAM")]
+    CheckpointRead {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The library error.
+        #[source]
+        source: ckptfs::checkpoint::ReadError,
+    },
+    /// The checkpoint's RAM size differs from the state's.
+    #[error("checkpoint {path} holds {actual} bytes of RAM, the state says {expected}")]
+    SizeMismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Checkpoint guest size.
+        actual: u64,
+        /// State mem_size.
+        expected: u64,
+    },
+    /// Writing the timeline failed.
+    #[error("writing timeline {path}")]
+    Timeline {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn ms_since(origin: Instant, t: Instant) -> f64 {
+    t.saturating_duration_since(origin).as_secs_f64() * 1e3
+}
+
+/// Runs the whole `restore` command.
+pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
+    let checkpoint = match &opts.memory {
+        MemorySource::Checkpoint(path) => Some(open_checkpoint(path)?),
+        _ => None,
+    };
+    let state = load_state(opts, checkpoint.as_ref())?;
+    let block = BlockDevice::open(&opts.disk, false)?;
+    block.check_size(state.devices.disk_size)?;
+    let memory_started = Instant::now();
+    let (mem, rebuilt) = load_memory(opts, &state, checkpoint.as_ref())?;
+    let memory_ms = memory_started.elapsed().as_secs_f64() * 1e3;
+    let mut machine = Machine::restore(mem, block, &state)?;
+    let resumed = Instant::now();
+    log::info!(
+        "vmm: resuming ({}) after {:.1} ms",
+        opts.memory.mode(),
+        ms_since(opts.origin, resumed)
+    );
+
+    let mut driver = PlanDriver::new(opts.limit, opts.origin, true);
+    machine.run(&mut driver)?;
+    if let Some(path) = &opts.timeline {
+        write_timeline(path, driver.completions())?;
+    }
+    Ok(report(
+        opts, &state, memory_ms, resumed, &driver, &machine, rebuilt,
+    ))
+}
+
+fn report(
+    opts: &RestoreOptions,
+    state: &VmState,
+    memory_ms: f64,
+    resumed: Instant,
+    driver: &PlanDriver,
+    machine: &Machine,
+    rebuilt: Option<RebuiltBytes>,
+) -> RestoreReport {
+    let completions = driver.completions();
+    let works: Vec<&Completion> = completions.iter().filter(|c| c.kind == "work").collect();
+    let first_ns = completions.first().map_or(0, |c| c.t_ns);
+    let last_ns = works.last().map_or(first_ns, |c| c.t_ns);
+    let served_from = driver
+        .first_request()
+        .map_or(0.0, |t| ms_since(opts.origin, t));
+    let span_s = (last_ns as f64 / 1e6 - served_from).max(1e-6) / 1e3;
+    RestoreReport {
+        mode: opts.memory.mode(),
+        mem_bytes: state.devices.mem_size,
+        memory_ms,
+        resume_ms: ms_since(opts.origin, resumed),
+        first_response_ms: first_ns as f64 / 1e6,
+        requests: driver.work_done(),
+        last_response_ms: last_ns as f64 / 1e6,
+        requests_per_sec: if works.is_empty() {
+            0.0
+        } else {
+            works.len() as f64 / span_s
+        },
+        latency: driver.latency_stats(),
+        check: hex(driver.check().expect("the plan ends with a CHECK")),
+        check_ms: driver.check_latency_ns() as f64 / 1e6,
+        requests_served: machine.requests_served(),
+        rebuilt,
+    }
+}
+
+fn open_checkpoint(path: &Path) -> Result<Checkpoint, RestoreError> {
+    Checkpoint::open(path).map_err(|source| RestoreError::CheckpointOpen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_state(
+    opts: &RestoreOptions,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<VmState, RestoreError> {
+    if let Some(path) = &opts.state {
+        let bytes = std::fs::read(path).map_err(|source| RestoreError::StateRead {
+            path: path.clone(),
+            source,
+        })?;
+        let origin = format!("file {}", path.display());
+        return state::decode(&bytes).map_err(|source| RestoreError::State { origin, source });
+    }
+    let (Some(ckpt), MemorySource::Checkpoint(path)) = (checkpoint, &opts.memory) else {
+        return Err(RestoreError::NoState);
+    };
+    let origin = format!("section of checkpoint {}", path.display());
+    state::decode(ckpt.vmm_state()).map_err(|source| RestoreError::State { origin, source })
+}
+
+fn load_memory(
+    opts: &RestoreOptions,
+    state: &VmState,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<(GuestMemory, Option<RebuiltBytes>), RestoreError> {
+    let size = state.devices.mem_size;
+    memory::check_size(size)?;
+    match (&opts.memory, checkpoint) {
+        (MemorySource::Map(path), _) => Ok((GuestMemory::map_file_private(path, size)?, None)),
+        (MemorySource::Eager(path), _) => Ok((GuestMemory::copy_file(path, size)?, None)),
+        (MemorySource::Checkpoint(path), Some(ckpt)) => rebuild(path, ckpt, size),
+        (MemorySource::Checkpoint(path), None) => unreachable!("{} was opened", path.display()),
+    }
+}
+
+/// Rebuilds all of guest RAM from the checkpoint (the eager space-optimized baseline).
+fn rebuild(
+    path: &Path,
+    ckpt: &Checkpoint,
+    size: u64,
+) -> Result<(GuestMemory, Option<RebuiltBytes>), RestoreError> {
+    if ckpt.guest_size() != size {
+        return Err(RestoreError::SizeMismatch {
+            path: path.to_owned(),
+            actual: ckpt.guest_size(),
+            expected: size,
+        });
+    }
+    const CHUNK: usize = 4 << 20;
+    let mut mem = GuestMemory::anonymous(size)?;
+    let mut total = ReadCounts::default();
+    for (i, chunk) in mem.as_mut_slice().chunks_mut(CHUNK).enumerate() {
+        let first = PageIndex((i * CHUNK / ckptfs::PAGE_SIZE) as u64);
+        let counts =
+            ckpt.read_pages(first, chunk)
+                .map_err(|source| RestoreError::CheckpointRead {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        total.zero_bytes += counts.zero_bytes;
+        total.disk_bytes += counts.disk_bytes;
+        total.blob_bytes += counts.blob_bytes;
+        total.disk_reads += counts.disk_reads;
+    }
+    let rebuilt = RebuiltBytes {
+        zero_bytes: total.zero_bytes,
+        disk_bytes: total.disk_bytes,
+        blob_bytes: total.blob_bytes,
+        disk_reads: total.disk_reads,
+    };
+    Ok((mem, Some(rebuilt)))
+}
+
+fn write_timeline(path: &Path, completions: &[Completion]) -> Result<(), RestoreError> {
+    let err = |source| RestoreError::Timeline {
+        path: path.to_owned(),
+        source,
+    };
+    let sink: Box<dyn Write> = if path == Path::new("-") {
+        Box::new(io::stdout().lock())
+    } else {
+        Box::new(File::create(path).map_err(err)?)
+    };
+    let mut out = BufWriter::new(sink);
+    for c in completions {
+        serde_json::to_writer(&mut out, c).map_err(|e| err(e.into()))?;
+        out.write_all(b"\n").map_err(err)?;
+    }
+    out.flush().map_err(err)
+}
+
+/// Parses `--duration` seconds.
+pub fn duration_limit(secs: f64) -> WorkLimit {
+    WorkLimit::For(Duration::from_secs_f64(secs.max(0.0)))
+}

@@ -1,0 +1,286 @@
+//! The VMM state section: what resuming a checkpointed VM needs besides its RAM.
+//!
+//! Stored as the checkpoint's opaque VMM-state section (and, with `--state-out`, as a file).
+//! Layout, little endian:
+//!
+//! ```text
+//! offset      size  field
+//! 0           8     magic "VMMLSTAT"
+//! 8           4     format version (1)
+//! 12          4     CRC32 (IEEE) of bytes [HEADER_SIZE, end)
+//! 16          8     J = length of the JSON document
+//! 24          8     B = length of the overlay data (4096 x overlay blocks)
+//! 32          J     JSON {"vcpu": VcpuState, "devices": DeviceState}
+//! 32 + J      B     disk overlay blocks, in the order of devices.overlay_offsets
+//! ```
+//!
+//! The vCPU registers are JSON through kvm-bindings' serde support; the disk overlay is
+//! binary because it is whole 4 KiB blocks. A reader checks, in order: size, magic, version,
+//! lengths, CRC, then parses.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::Workload;
+use crate::vcpu::VcpuState;
+
+/// "VMMLSTAT".
+pub const MAGIC: [u8; 8] = *b"VMMLSTAT";
+/// The version this code writes and reads.
+pub const VERSION: u32 = 1;
+const MAGIC_OFFSET: usize = 0;
+const VERSION_OFFSET: usize = MAGIC_OFFSET + MAGIC.len();
+const CRC_OFFSET: usize = VERSION_OFFSET + size_of::<u32>();
+const JSON_LEN_OFFSET: usize = CRC_OFFSET + size_of::<u32>();
+const OVERLAY_LEN_OFFSET: usize = JSON_LEN_OFFSET + size_of::<u64>();
+/// Bytes before the JSON document.
+pub const HEADER_SIZE: usize = OVERLAY_LEN_OFFSET + size_of::<u64>();
+/// Largest state accepted (the overlay is bounded by what the guest writes).
+pub const MAX_SIZE: u64 = 1 << 30;
+const BLOCK: usize = 4096;
+
+/// Device and machine state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Guest RAM size in bytes.
+    pub mem_size: u64,
+    /// The workload the guest was booted with (informational: the guest's own state is in RAM).
+    pub workload: Workload,
+    /// The guest PRNG seed it was booted with (informational, as above).
+    pub seed: u64,
+    /// Size of the disk image the VM ran with; a restore refuses a different one.
+    pub disk_size: u64,
+    /// Path of that disk image when the state was saved (informational).
+    pub disk_path: String,
+    /// Disk byte offsets of the blocks in the overlay, ascending.
+    pub overlay_offsets: Vec<u64>,
+    /// Requests the guest completed before the state was saved.
+    pub requests_served: u64,
+}
+
+/// The whole VMM state.
+#[derive(Debug)]
+pub struct VmState {
+    /// vCPU 0.
+    pub vcpu: VcpuState,
+    /// Devices.
+    pub devices: DeviceState,
+    /// Contents of the overlay blocks, 4096 bytes each, in `devices.overlay_offsets` order.
+    pub overlay: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Document {
+    vcpu: VcpuState,
+    devices: DeviceState,
+}
+
+/// Why a state section was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Shorter than the header or longer than [`MAX_SIZE`].
+    #[error("{0} bytes is not a plausible VMM state size")]
+    Size(u64),
+    /// Wrong magic.
+    #[error("not a vmm-lite state (bad magic)")]
+    Magic,
+    /// Unknown version.
+    #[error("unsupported state version {0} (this vmm-lite reads version {VERSION})")]
+    Version(u32),
+    /// Header lengths disagree with the size.
+    #[error("truncated or padded: header says {expected} bytes, found {actual}")]
+    Length {
+        /// Header + JSON + overlay lengths.
+        expected: u64,
+        /// Actual size.
+        actual: u64,
+    },
+    /// CRC mismatch.
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        /// CRC in the header.
+        stored: u32,
+        /// CRC of the bytes.
+        computed: u32,
+    },
+    /// The JSON document does not parse.
+    #[error("malformed state document")]
+    Json(#[source] serde_json::Error),
+    /// The overlay data does not match its offsets.
+    #[error("overlay has {bytes} bytes for {blocks} blocks")]
+    Overlay {
+        /// Overlay bytes.
+        bytes: u64,
+        /// Blocks listed.
+        blocks: u64,
+    },
+}
+
+/// Serializes `state`.
+pub fn encode(state: &VmState) -> Vec<u8> {
+    let doc = DocumentRef {
+        vcpu: &state.vcpu,
+        devices: &state.devices,
+    };
+    let json = serde_json::to_vec(&doc).expect("state serializes");
+    let mut out = Vec::with_capacity(HEADER_SIZE + json.len() + state.overlay.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // CRC, filled below
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(state.overlay.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&state.overlay);
+    let crc = crc32fast::hash(&out[HEADER_SIZE..]);
+    out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+#[derive(Serialize)]
+struct DocumentRef<'a> {
+    vcpu: &'a VcpuState,
+    devices: &'a DeviceState,
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("in header"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("in header"))
+}
+
+/// Parses and validates a state section.
+pub fn decode(bytes: &[u8]) -> Result<VmState, StateError> {
+    let size = bytes.len() as u64;
+    if bytes.len() < HEADER_SIZE || size > MAX_SIZE {
+        return Err(StateError::Size(size));
+    }
+    if bytes[MAGIC_OFFSET..MAGIC_OFFSET + MAGIC.len()] != MAGIC {
+        return Err(StateError::Magic);
+    }
+    let version = u32_at(bytes, VERSION_OFFSET);
+    if version != VERSION {
+        return Err(StateError::Version(version));
+    }
+    let json_len = u64_at(bytes, JSON_LEN_OFFSET);
+    let overlay_len = u64_at(bytes, OVERLAY_LEN_OFFSET);
+    let expected = (HEADER_SIZE as u64)
+        .saturating_add(json_len)
+        .saturating_add(overlay_len);
+    if expected != size {
+        return Err(StateError::Length {
+            expected,
+            actual: size,
+        });
+    }
+    let stored = u32_at(bytes, CRC_OFFSET);
+    let computed = crc32fast::hash(&bytes[HEADER_SIZE..]);
+    if stored != computed {
+        return Err(StateError::Checksum { stored, computed });
+    }
+    let json_end = HEADER_SIZE + json_len as usize;
+    let doc: Document =
+        serde_json::from_slice(&bytes[HEADER_SIZE..json_end]).map_err(StateError::Json)?;
+    let overlay = bytes[json_end..].to_vec();
+    let blocks = doc.devices.overlay_offsets.len() as u64;
+    if overlay.len() as u64 != blocks * BLOCK as u64 {
+        return Err(StateError::Overlay {
+            bytes: overlay.len() as u64,
+            blocks,
+        });
+    }
+    Ok(VmState {
+        vcpu: doc.vcpu,
+        devices: doc.devices,
+        overlay,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmState {
+        let mut vcpu = VcpuState {
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: None,
+            msrs: vec![(0x10, 12345)],
+            events: Default::default(),
+            debugregs: Default::default(),
+        };
+        vcpu.regs.rip = 0x10_0042;
+        vcpu.sregs.cr3 = 0x1000;
+        vcpu.xsave.region[7] = 0xdead_beef;
+        let devices = DeviceState {
+            mem_size: 16 << 20,
+            workload: Workload::Mixed,
+            seed: 9,
+            disk_size: 1 << 20,
+            disk_path: "disk.img".into(),
+            overlay_offsets: vec![0, 8192],
+            requests_served: 77,
+        };
+        VmState {
+            vcpu,
+            devices,
+            overlay: vec![5; 2 * BLOCK],
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let bytes = encode(&sample());
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.vcpu.regs.rip, 0x10_0042);
+        assert_eq!(back.vcpu.sregs.cr3, 0x1000);
+        assert_eq!(back.vcpu.xsave.region[7], 0xdead_beef);
+        assert_eq!(back.vcpu.msrs, vec![(0x10, 12345)]);
+        assert_eq!(back.devices, sample().devices);
+        assert_eq!(back.overlay, sample().overlay);
+    }
+
+    #[test]
+    fn header_fields_are_where_the_doc_says() {
+        let bytes = encode(&sample());
+        assert_eq!(&bytes[0..8], b"VMMLSTAT"); // magic
+        assert_eq!(&bytes[8..12], &[1, 0, 0, 0]); // version 1
+        let json_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        assert_eq!(&bytes[24..32], &(2 * BLOCK as u64).to_le_bytes()); // overlay length
+        assert_eq!(bytes[32], b'{'); // JSON starts right after the 32-byte header
+        assert_eq!(bytes.len() as u64, 32 + json_len + 2 * BLOCK as u64);
+    }
+
+    #[test]
+    fn each_kind_of_damage_has_its_own_error() {
+        let good = encode(&sample());
+        assert!(matches!(decode(&good[..10]), Err(StateError::Size(10))));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(decode(&bad), Err(StateError::Magic)));
+        let mut bad = good.clone();
+        bad[8] = 9;
+        assert!(matches!(decode(&bad), Err(StateError::Version(9))));
+        assert!(matches!(
+            decode(&good[..good.len() - 1]),
+            Err(StateError::Length { .. })
+        ));
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(decode(&bad), Err(StateError::Checksum { .. })));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for len in [0, 1, 31, 32, 33, 100] {
+            let _ = decode(&vec![0xa5; len]);
+        }
+        let mut fake = vec![0; HEADER_SIZE];
+        fake[..8].copy_from_slice(&MAGIC);
+        fake[8] = 1;
+        fake[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode(&fake), Err(StateError::Length { .. })));
+    }
+}
