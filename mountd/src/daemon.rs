@@ -9,7 +9,6 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -111,10 +110,19 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// The mount's device number, which names its bdi and its FUSE connection in sysfs.
-fn mount_dev(mountpoint: &Path) -> Option<(u32, u32)> {
-    let dev = fs::metadata(mountpoint).ok()?.dev();
-    Some((libc::major(dev), libc::minor(dev)))
+/// The mount's device number, which names its bdi and its FUSE connection in
+/// sysfs. Read from /proc/self/mountinfo: a stat of the mount point would send
+/// GETATTR to this very daemon before it serves requests, and deadlock.
+fn mount_dev(canonical_mountpoint: &Path) -> Option<(u32, u32)> {
+    let want = canonical_mountpoint.to_str()?;
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mountpoint ...; the last match is the newest.
+    let line = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want))
+        .last()?;
+    let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// Raise the kernel readahead of the mount so buffered sequential reads and
@@ -245,9 +253,10 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     config.acl = s.acl;
     config.n_threads = Some(s.threads);
     config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &s.mountpoint, &config)
+    let canonical = s.mountpoint.canonicalize()?;
+    let mut session = fuser::Session::new(fs, &canonical, &config)
         .with_context(|| format!("cannot mount on {}", s.mountpoint.display()))?;
-    let dev = mount_dev(&s.mountpoint);
+    let dev = mount_dev(&canonical);
     if let (Some(dev), true) = (dev, s.readahead_kb > 0) {
         set_kernel_readahead(dev, s.readahead_kb);
     }

@@ -371,6 +371,7 @@ impl Engine {
         let prefetched =
             get(&s.readahead_bytes) + get(&s.workingset_bytes) + get(&s.background_bytes);
         stats::Snapshot {
+            pid: std::process::id(),
             checkpoint: self.cfg.checkpoint_name.clone(),
             guest_bytes: self.guest_size,
             chunk_bytes: self.cfg.chunk_bytes as u64,

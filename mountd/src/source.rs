@@ -35,7 +35,7 @@ impl PageReader for Checkpoint {
     }
 
     fn disk_location(&self, page: PageIndex) -> Option<(DiskIndex, DiskOffset)> {
-        match self.entry(page).source {
+        match self.try_entry(page).ok()?.source {
             PageSource::Disk { disk, offset } => Some((disk, offset)),
             PageSource::Zero | PageSource::Blob(_) => None,
         }

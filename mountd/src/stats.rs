@@ -148,6 +148,7 @@ pub(crate) fn add(a: &AtomicU64, v: u64) {
 #[derive(Debug, Serialize)]
 #[allow(missing_docs)]
 pub struct Snapshot {
+    pub pid: u32,
     pub checkpoint: String,
     pub guest_bytes: u64,
     pub chunk_bytes: u64,

@@ -1,0 +1,401 @@
+//! Real FUSE mounts of a generated 32 MiB checkpoint.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ckptfs::{Checkpoint, PageIndex, PageSource};
+use common::{DirectFile, Env, hash_file, is_mounted};
+use mountd::fixture::Rng;
+
+const PAGE: usize = 4096;
+
+#[test]
+fn whole_file_read_equals_original_dump() {
+    let env = Env::new();
+    let m = env.mount(&[]);
+    let orig = env.original();
+    assert_eq!(fs::metadata(env.memory()).unwrap().len(), orig.len() as u64);
+    let served = fs::read(env.memory()).unwrap();
+    assert!(served == orig, "memory differs from the original dump");
+    assert_eq!(
+        fs::read(env.mnt.join("vmm-state")).unwrap(),
+        b"vmm-state: fixture"
+    );
+    let mut names: Vec<String> = fs::read_dir(&env.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["memory", "stats", "vmm-state"]);
+    assert!(m.unmount().is_none());
+}
+
+#[test]
+fn random_map_private_page_reads_equal_original() {
+    let env = Env::new();
+    let _m = env.mount(&["--prefetch", "none"]);
+    let orig = env.original();
+    // Like QEMU with share=off: open read-write, map MAP_PRIVATE.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(env.memory())
+        .unwrap();
+    // SAFETY: the file is not truncated while mapped (the daemon refuses it).
+    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
+    let pages = orig.len() / PAGE;
+    let mut rng = Rng::new(9);
+    for _ in 0..2000 {
+        let p = rng.below(pages as u64) as usize;
+        assert_eq!(
+            &map[p * PAGE..][..PAGE],
+            &orig[p * PAGE..][..PAGE],
+            "page {p}"
+        );
+    }
+    // Guest writes stay in the private copy.
+    map[123] ^= 0xff;
+    drop(map);
+    let again = fs::read(env.memory()).unwrap();
+    assert_eq!(again[123], orig[123]);
+}
+
+#[test]
+fn concurrent_readers_in_threads_and_processes_see_the_original() {
+    let env = Env::new();
+    let _m = env.mount(&[
+        "--prefetch",
+        "none",
+        "--notify-store",
+        "false",
+        "--cache-mb",
+        "4",
+    ]);
+    let orig = std::sync::Arc::new(env.original());
+    let procs: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("cmp")
+                .arg(env.memory())
+                .arg(&env.fx.mem)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (orig, path) = (orig.clone(), env.memory());
+            thread::spawn(move || {
+                let f = fs::File::open(path).unwrap();
+                let mut rng = Rng::new(t);
+                let mut buf = vec![0u8; 256 * 1024];
+                for _ in 0..300 {
+                    let len = (1 + rng.below(64) as usize) * 4096 - rng.below(100) as usize;
+                    let off = rng.below((orig.len() - len) as u64) as usize;
+                    f.read_exact_at(&mut buf[..len], off as u64).unwrap();
+                    assert!(
+                        buf[..len] == orig[off..off + len],
+                        "thread {t} at {off}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for mut p in procs {
+        assert!(p.wait().unwrap().success(), "cmp saw different bytes");
+    }
+}
+
+/// Pages whose source is the given blob or disk block.
+fn pages_with(ck: &Checkpoint, want: PageSource) -> Vec<u64> {
+    (0..ck.page_count())
+        .filter(|&p| ck.entry(PageIndex(p)).source == want)
+        .collect()
+}
+
+#[test]
+fn corrupt_blob_and_modified_disk_block_fail_exactly_their_pages() {
+    let env = Env::new();
+    let orig = env.original();
+    let (blob_src, disk_src) = {
+        let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+        let sampled = ckptfs::disk::fingerprint_blocks(fs::metadata(&env.fx.disk).unwrap().len());
+        let find = |f: &dyn Fn(PageSource) -> bool| {
+            (1000..ck.page_count())
+                .map(|p| ck.entry(PageIndex(p)).source)
+                .find(|s| f(*s))
+                .unwrap()
+        };
+        let blob = find(&|s| matches!(s, PageSource::Blob(_)));
+        let disk = find(&|s| match s {
+            PageSource::Disk { offset, .. } => !sampled.contains(&(offset.0 / 4096)),
+            _ => false,
+        });
+        let PageSource::Blob(b) = blob else {
+            unreachable!()
+        };
+        let at = ck.header().blobs_offset + b.0 * 4096 + 100;
+        ((blob, at), disk)
+    };
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let mut bad: Vec<u64> = pages_with(&ck, blob_src.0);
+    bad.extend(pages_with(&ck, disk_src));
+    drop(ck);
+    // Flip one byte of the blob and one byte of the disk block.
+    let flip = |path: &Path, at: u64| {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    };
+    flip(&env.fx.ckpt, blob_src.1);
+    let PageSource::Disk { offset, .. } = disk_src else {
+        unreachable!()
+    };
+    flip(&env.fx.disk, offset.0 + 7);
+
+    let log = env.dir.path().join("mountd.log");
+    let m = env.mount_foreground(&["--prefetch", "none"], &log);
+    let f = DirectFile::open(&env.memory());
+    let mut failed = Vec::new();
+    for p in 0..(orig.len() / PAGE) as u64 {
+        match f.read_page(p) {
+            Ok(bytes) => assert!(bytes == orig[p as usize * PAGE..][..PAGE], "page {p} wrong"),
+            Err(errno) => {
+                assert_eq!(errno, libc::EIO, "page {p}");
+                failed.push(p);
+            }
+        }
+    }
+    bad.sort();
+    assert_eq!(failed, bad, "EIO for exactly the corrupted pages");
+    assert!(m.stats()["read_errors"].as_u64().unwrap() >= bad.len() as u64);
+    drop(f);
+    let status = m.unmount().unwrap();
+    assert!(status.success());
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("disk.img"),
+        "error log names the disk image: {log}"
+    );
+    assert!(
+        log.contains(&format!("page {}", bad[0])) || log.contains("page "),
+        "{log}"
+    );
+}
+
+#[test]
+fn read_write_open_succeeds_but_writes_fail_and_sources_stay_untouched() {
+    let env = Env::new();
+    let before = (hash_file(&env.fx.ckpt), hash_file(&env.fx.disk));
+    let _m = env.mount(&[]);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(env.memory())
+        .unwrap();
+    let err = f.write_all(b"hello").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = f.write_all_at(&[1u8; 4096], 8192).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert!(f.set_len(4096).is_err(), "truncate must fail");
+    assert!(
+        fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(env.memory())
+            .is_err(),
+        "O_TRUNC must fail"
+    );
+    assert!(fs::write(env.mnt.join("new-file"), b"x").is_err());
+    // Reads after the refused writes still return the original bytes.
+    let mut head = vec![0u8; 16384];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, env.original()[..16384]);
+    drop(f);
+    assert_eq!((hash_file(&env.fx.ckpt), hash_file(&env.fx.disk)), before);
+}
+
+#[test]
+fn stats_json_parses_and_counts_move() {
+    let env = Env::new();
+    let m = env.mount(&["--prefetch", "none"]);
+    let s0 = m.stats();
+    for key in [
+        "reads",
+        "read_bytes",
+        "bytes_by_source",
+        "cache",
+        "prefetch",
+        "latency_us",
+        "pages",
+    ] {
+        assert!(s0.get(key).is_some(), "stats lacks {key}: {s0}");
+    }
+    assert_eq!(s0["guest_bytes"].as_u64(), Some(common::GUEST_MIB << 20));
+    let mut buf = vec![0u8; 1 << 20];
+    fs::File::open(env.memory())
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    let s1 = m.stats();
+    assert!(s1["reads"].as_u64() > s0["reads"].as_u64());
+    assert!(s1["read_bytes"].as_u64().unwrap() >= 1 << 20);
+    let by = &s1["bytes_by_source"];
+    let rebuilt = ["zero", "disk", "blob"]
+        .iter()
+        .map(|k| by[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert!(rebuilt >= 1 << 20, "{s1}");
+    assert!(s1["cache"]["misses"].as_u64().unwrap() > 0);
+    assert!(s1["latency_us"]["max"].as_f64().unwrap() > 0.0);
+    assert!(s1["pages"]["fetched"].as_u64().unwrap() >= 256);
+    assert!(s1["elapsed_seconds"].as_f64() >= s0["elapsed_seconds"].as_f64());
+}
+
+#[test]
+fn background_fetch_completes_and_stores_into_the_page_cache() {
+    let env = Env::new();
+    let m = env.mount(&[]);
+    // Notify-store needs the kernel to know the inode: look it up.
+    let _f = fs::File::open(env.memory()).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let s = m.stats();
+        if s["background_complete"] == true {
+            assert_eq!(s["pages"]["fetched"], s["pages"]["total"], "{s}");
+            assert!(
+                s["prefetch"]["stored_in_kernel_bytes"].as_u64().unwrap() > 0,
+                "{s}"
+            );
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "background fetch stuck: {s}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let reads_before = m.stats()["reads"].as_u64().unwrap();
+    let served = fs::read(env.memory()).unwrap();
+    assert!(served == env.original());
+    let reads_after = m.stats()["reads"].as_u64().unwrap();
+    assert!(
+        reads_after - reads_before < 8,
+        "stored pages should be served by the kernel, got {} FUSE reads",
+        reads_after - reads_before
+    );
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let env = Env::new();
+    let log = env.dir.path().join("mountd.log");
+    let mut m = env.mount_foreground(&[], &log);
+    let pid = m.child.as_ref().unwrap().id() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = m.wait_exit(pid).unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(!is_mounted(&env.mnt));
+}
+
+#[test]
+fn fusermount_unmount_makes_the_daemon_exit() {
+    let env = Env::new();
+    let log = env.dir.path().join("mountd.log");
+    let m = env.mount_foreground(&[], &log);
+    let status = m.unmount().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn working_set_is_recorded_then_replayed_first() {
+    let env = Env::new();
+    let ws = env.dir.path().join("vm.ckpt.ws");
+    let chunk = 256 * 1024u64;
+    let touched = [7u64, 3, 100, 64];
+    {
+        let log = env.dir.path().join("record.log");
+        let m = env.mount_foreground(&["--record-workingset", "--prefetch", "none"], &log);
+        let f = DirectFile::open(&env.memory());
+        for c in touched {
+            f.read_page(c * chunk / 4096).unwrap();
+        }
+        assert_eq!(m.stats()["workingset"]["recorded_chunks"], 4);
+        drop(f);
+        assert!(m.unmount().unwrap().success());
+    }
+    let runs = mountd::workingset::load(&ws, common::GUEST_MIB << 20).unwrap();
+    let firsts: Vec<u64> = runs.iter().map(|r| r.first_page * 4096 / chunk).collect();
+    assert_eq!(firsts, touched);
+
+    let m = env.mount(&["--prefetch", "workingset", "--notify-store", "false"]);
+    let t0 = Instant::now();
+    while m.stats()["prefetch"]["workingset_bytes"].as_u64() != Some(4 * chunk) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "working set not replayed: {}",
+            m.stats()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let s = m.stats();
+    assert_eq!(s["workingset"]["loaded_chunks"], 4);
+    let f = DirectFile::open(&env.memory());
+    let orig = env.original();
+    for c in touched {
+        let p = c * chunk / 4096;
+        assert!(f.read_page(p).unwrap() == orig[p as usize * PAGE..][..PAGE]);
+    }
+    let s = m.stats();
+    assert_eq!(s["cache"]["misses"], 0, "replayed chunks are hits: {s}");
+    assert_eq!(
+        s["prefetch"]["used_by_demand_bytes"].as_u64(),
+        Some(4 * chunk)
+    );
+    drop(f);
+    drop(m);
+
+    // A damaged sidecar is a warning, not an error.
+    let mut bytes = fs::read(&ws).unwrap();
+    bytes[20] ^= 1;
+    fs::write(&ws, bytes).unwrap();
+    let m = env.mount(&["--prefetch", "workingset"]);
+    assert_eq!(m.stats()["workingset"]["loaded_chunks"], 0);
+}
+
+#[test]
+fn bad_checkpoint_is_refused_with_one_clear_line() {
+    let env = Env::new();
+    let garbage = env.dir.path().join("garbage.ckpt");
+    fs::write(&garbage, vec![7u8; 10000]).unwrap();
+    for ckpt in [garbage, env.dir.path().join("missing.ckpt")] {
+        let out = Command::new(common::mountd_bin())
+            .arg(&ckpt)
+            .arg(&env.mnt)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(&*ckpt.to_string_lossy()),
+            "names the file: {err}"
+        );
+        assert!(!is_mounted(&env.mnt));
+    }
+}
