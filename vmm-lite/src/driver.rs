@@ -1,8 +1,10 @@
 //! The closed-loop request driver: hands the guest its next request when it asks (`in` on
 //! the request port), timestamps each response, and decides when to pause the VM.
 //!
-//! A plan is "WORK requests until a limit, then one CHECK"; the VM pauses right after the
-//! CHECK response, so the checksum describes exactly the state that is saved next.
+//! A plan is "WORK (or READ) requests until a limit, then one CHECK"; the VM pauses right
+//! after the CHECK response, so the checksum describes exactly the state that is saved next.
+//! READ requests change nothing in the guest, so after them the CHECK still equals the one
+//! taken at the checkpoint: that is how a restore proves the VM came back identical.
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +24,7 @@ pub enum WorkLimit {
 pub struct Completion {
     /// Sequence number within this plan.
     pub i: u64,
-    /// "work" or "check".
+    /// "work" (WORK or READ) or "check".
     pub kind: &'static str,
     /// Nanoseconds from the driver's origin to the response.
     pub t_ns: u64,
@@ -45,6 +47,7 @@ pub struct PlanDriver {
     limit: WorkLimit,
     origin: Instant,
     keep_timeline: bool,
+    pure: bool,
     first_request: Option<Instant>,
     issued: Option<(u32, Instant)>,
     work_done: u64,
@@ -62,6 +65,7 @@ impl PlanDriver {
             limit,
             origin,
             keep_timeline,
+            pure: false,
             first_request: None,
             issued: None,
             work_done: 0,
@@ -69,6 +73,21 @@ impl PlanDriver {
             check: None,
             check_latency_ns: 0,
             latencies_ns: Vec::new(),
+        }
+    }
+
+    /// Issue READ requests (no guest side effects) instead of WORK.
+    pub fn pure(mut self, pure: bool) -> Self {
+        self.pure = pure;
+        self
+    }
+
+    fn work_request(&self) -> u32 {
+        if self.pure {
+            let arg = (self.work_done as u32) & (u32::MAX >> abi::REQ_ARG_SHIFT);
+            abi::REQ_READ | arg << abi::REQ_ARG_SHIFT
+        } else {
+            abi::REQ_WORK
         }
     }
 
@@ -120,7 +139,7 @@ impl Driver for PlanDriver {
         let now = Instant::now();
         self.first_request.get_or_insert(now);
         let code = if self.more_work(now) {
-            abi::REQ_WORK
+            self.work_request()
         } else {
             abi::REQ_CHECK
         };
@@ -209,6 +228,16 @@ mod tests {
         assert_eq!(d.check(), Some(0xabc));
         let kinds: Vec<_> = d.completions().iter().map(|c| (c.i, c.kind)).collect();
         assert_eq!(kinds, vec![(0, "work"), (1, "work"), (2, "check")]);
+    }
+
+    #[test]
+    fn pure_plan_issues_numbered_reads() {
+        let mut d = PlanDriver::new(WorkLimit::Count(2), Instant::now(), false).pure(true);
+        assert_eq!(d.next_request(), abi::REQ_READ);
+        assert!(d.completed(1));
+        assert_eq!(d.next_request(), abi::REQ_READ | 1 << abi::REQ_ARG_SHIFT);
+        assert!(d.completed(1));
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
     }
 
     #[test]

@@ -72,9 +72,13 @@ struct RunArgs {
     /// Use only the I/O-tracking hints (the paper's way), no content scan of the disk.
     #[arg(long)]
     no_scan: bool,
-    /// After checkpointing, serve N more requests and report a second CHECK.
+    /// After checkpointing, serve N more requests and report a second CHECK (what a
+    /// `restore --requests N` of this checkpoint must report too).
     #[arg(long, default_value_t = 0)]
     continue_requests: u64,
+    /// Make those WORK requests (they modify memory) instead of READ requests.
+    #[arg(long)]
+    continue_writes: bool,
 }
 
 #[derive(Args)]
@@ -101,6 +105,10 @@ struct RestoreArgs {
     /// Serve WORK requests for this many seconds (from the first request) instead.
     #[arg(long)]
     duration: Option<f64>,
+    /// Send WORK requests, which modify guest memory, instead of side-effect-free READ
+    /// requests (the final CHECK then differs from the checkpoint's).
+    #[arg(long)]
+    writes: bool,
     /// One JSON line per completed request: {"i","kind","t_ns","latency_ns","response"}
     /// with t_ns counted from the start of this command ("-" = stdout).
     #[arg(long)]
@@ -141,6 +149,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         hints_out: args.hints_out,
         scan_disks: !args.no_scan,
         continue_requests: args.continue_requests,
+        continue_writes: args.continue_writes,
     };
     let report = vmm_lite::run::run(&opts)?;
     println!("{}", serde_json::to_string(&report)?);
@@ -163,6 +172,7 @@ fn restore(args: RestoreArgs, origin: Instant) -> anyhow::Result<()> {
         state: args.state,
         disk: args.disk,
         limit,
+        writes: args.writes,
         timeline: args.timeline,
         origin,
     };

@@ -56,6 +56,9 @@ pub struct RestoreOptions {
     pub disk: PathBuf,
     /// WORK requests before the final CHECK.
     pub limit: WorkLimit,
+    /// Issue WORK requests (which modify guest memory and write to the disk overlay) instead
+    /// of READ requests; the final CHECK then no longer equals the checkpoint's.
+    pub writes: bool,
     /// Where to write one JSON line per completed request ("-" = stdout).
     pub timeline: Option<PathBuf>,
     /// Start of the command: timestamps count from here.
@@ -83,7 +86,7 @@ pub struct RestoreReport {
     pub requests_per_sec: f64,
     /// WORK latencies.
     pub latency: LatencyStats,
-    /// The final CHECK (hex).
+    /// The final CHECK (hex): equals the checkpoint's unless `writes`.
     pub check: String,
     /// How long the CHECK took, ms.
     pub check_ms: f64,
@@ -202,7 +205,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ms_since(opts.origin, resumed)
     );
 
-    let mut driver = PlanDriver::new(opts.limit, opts.origin, true);
+    let mut driver = PlanDriver::new(opts.limit, opts.origin, true).pure(!opts.writes);
     machine.run(&mut driver)?;
     if let Some(path) = &opts.timeline {
         write_timeline(path, driver.completions())?;

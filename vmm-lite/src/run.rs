@@ -42,8 +42,11 @@ pub struct RunOptions {
     pub hints_out: Option<PathBuf>,
     /// Let ckptfs also scan the disk by content (not just the hints).
     pub scan_disks: bool,
-    /// After checkpointing, serve this many more WORK requests and a CHECK.
+    /// After checkpointing, serve this many more requests and a CHECK (WORK requests with
+    /// `continue_writes`, else READ).
     pub continue_requests: u64,
+    /// See `continue_requests`.
+    pub continue_writes: bool,
 }
 
 /// What `run` did (printed as JSON).
@@ -161,7 +164,8 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let save_ms = ms(save_started.elapsed());
 
     let check_after_continue = if opts.continue_requests > 0 {
-        let mut more = PlanDriver::new(WorkLimit::Count(opts.continue_requests), created, false);
+        let limit = WorkLimit::Count(opts.continue_requests);
+        let mut more = PlanDriver::new(limit, created, false).pure(!opts.continue_writes);
         machine.run(&mut more)?;
         more.check().map(hex)
     } else {

@@ -69,6 +69,13 @@ pub const REQ_WORK: u32 = 1;
 pub const REQ_CHECK: u32 = 2;
 /// Request: halt.
 pub const REQ_SHUTDOWN: u32 = 3;
+/// Request: like WORK but pure: reads pages chosen from the request's argument and the
+/// workload state, and changes nothing (so a later CHECK still equals the previous one).
+pub const REQ_READ: u32 = 4;
+/// A request word is `code | argument << REQ_ARG_SHIFT` (code in the low 8 bits).
+pub const REQ_ARG_SHIFT: u32 = 8;
+/// Mask of the code in a request word.
+pub const REQ_CODE_MASK: u32 = (1 << REQ_ARG_SHIFT) - 1;
 
 /// Boot info magic, "VMMLBOOT" little endian.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VMMLBOOT");

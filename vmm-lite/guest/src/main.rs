@@ -46,9 +46,10 @@ pub unsafe extern "C" fn _start(info: *const BootInfo) -> ! {
     }
     let mut state = workload::State::init(&info);
     loop {
-        let code = io::next_request();
-        let response = match code {
+        let word = io::next_request();
+        let response = match word & abi::REQ_CODE_MASK {
             abi::REQ_WORK => state.work(),
+            abi::REQ_READ => state.read(word >> abi::REQ_ARG_SHIFT),
             abi::REQ_CHECK => state.check(),
             abi::REQ_SHUTDOWN => io::halt(),
             other => panic!("unknown request code {other}"),

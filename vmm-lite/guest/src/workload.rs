@@ -8,7 +8,7 @@
 //! [cache + anon, heap)    untouched: stays zero
 //! ```
 //!
-//! A `WORK` request reads a word from each of [`PAGES_PER_REQUEST`] pages of the working set
+//! A `READ` request does the same reads and changes nothing. A `WORK` request reads a word from each of [`PAGES_PER_REQUEST`] pages of the working set
 //! (cache + anon), 90 % of them from a hot tenth, and sometimes modifies one; page-cache
 //! writes are sometimes written back to disk (a modified page, like a file system flushing it).
 //!
@@ -65,6 +65,24 @@ fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// xorshift64*.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// A working-set page out of `n`: 90 % from the hot tenth (every tenth page), else uniform.
+fn pick(rng: &mut u64, n: u64) -> u64 {
+    let r = xorshift(rng);
+    if n >= 10 && (r >> 40) % 10 < 9 {
+        (r % (n / 10)) * 10 + 3
+    } else {
+        r % n
+    }
 }
 
 fn hash_words(words: &[u64], seed: u64) -> u64 {
@@ -141,23 +159,31 @@ impl State {
         }
     }
 
-    /// xorshift64*.
     fn next(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        xorshift(&mut self.rng)
     }
 
-    /// A working-set page: 90 % from the hot tenth (every tenth page), else uniform.
     fn pick(&mut self) -> u64 {
-        let n = self.cache_pages + self.anon_pages;
-        let r = self.next();
-        if n >= 10 && (r >> 40) % 10 < 9 {
-            (r % (n / 10)) * 10 + 3
-        } else {
-            r % n
+        pick(&mut self.rng, self.cache_pages + self.anon_pages)
+    }
+
+    /// Reads one word from each of `PAGES_PER_REQUEST` working-set pages chosen by `rng`.
+    fn read_pages(&self, rng: &mut u64, mut acc: u64) -> u64 {
+        for _ in 0..PAGES_PER_REQUEST {
+            let p = pick(rng, self.cache_pages + self.anon_pages);
+            let w = page(p)[(*rng % WORDS as u64) as usize];
+            acc = (acc ^ w ^ p).wrapping_mul(0x100_0000_01b3);
         }
+        acc
+    }
+
+    /// A READ request: like WORK without side effects; `arg` (from the VMM) varies the pages.
+    pub fn read(&self, arg: u32) -> u64 {
+        if self.cache_pages + self.anon_pages == 0 {
+            return 0;
+        }
+        let mut rng = mix(self.rng ^ u64::from(arg)) | 1;
+        self.read_pages(&mut rng, u64::from(arg)) & 0xffff_ffff
     }
 
     fn modify(&mut self, p: u64) {
@@ -172,12 +198,9 @@ impl State {
         if self.cache_pages + self.anon_pages == 0 {
             return 0;
         }
-        let mut acc = self.requests;
-        for _ in 0..PAGES_PER_REQUEST {
-            let p = self.pick();
-            let w = page(p)[(self.rng % WORDS as u64) as usize];
-            acc = (acc ^ w ^ p).wrapping_mul(0x100_0000_01b3);
-        }
+        let mut rng = self.rng;
+        let acc = self.read_pages(&mut rng, self.requests);
+        self.rng = rng;
         if self.next() % MODIFY_EVERY == 0 {
             let p = self.pick();
             self.modify(p);
