@@ -119,8 +119,8 @@ fn mount_dev(canonical_mountpoint: &Path) -> Option<(u32, u32)> {
     // Fields: id parent major:minor root mountpoint ...; the last match is the newest.
     let line = info
         .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want))
-        .last()?;
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want))?;
     let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
