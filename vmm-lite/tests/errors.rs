@@ -1,0 +1,186 @@
+//! Bad input gives one clear line naming the file and the problem, a non-zero exit, and no
+//! panic.
+
+mod common;
+
+use common::{Setup, run_fails, run_json};
+
+/// A checkpointed 16 MiB VM: (setup, raw dump, state file).
+fn checkpointed() -> (Setup, String, String) {
+    let t = Setup::new("16M");
+    let (raw, state) = (t.p("mem.raw"), t.p("state.bin"));
+    run_json(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &t.disk(),
+        "--checkpoint-after",
+        "0",
+        "--raw-out",
+        &raw,
+        "--state-out",
+        &state,
+    ]);
+    (t, raw, state)
+}
+
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    lines[0]
+}
+
+#[test]
+fn short_memory_file_is_refused_before_mapping() {
+    let (t, raw, state) = checkpointed();
+    let short = t.p("short.raw");
+    std::fs::write(&short, &std::fs::read(&raw).unwrap()[..8 << 20]).unwrap();
+    let disk = t.disk();
+    for extra in [&[][..], &["--eager"][..]] {
+        let mut args = vec![
+            "restore",
+            "--mem-file",
+            &short,
+            "--state",
+            &state,
+            "--disk",
+            &disk,
+        ];
+        args.extend_from_slice(extra);
+        let err = run_fails(&args);
+        let line = one_line(&err);
+        assert!(
+            line.contains(&short) && line.contains("shorter than guest RAM"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn missing_memory_file_is_named() {
+    let (t, _raw, state) = checkpointed();
+    let missing = t.p("nope.raw");
+    let line = run_fails(&[
+        "restore",
+        "--mem-file",
+        &missing,
+        "--state",
+        &state,
+        "--disk",
+        &t.disk(),
+    ]);
+    let line = one_line(&line);
+    assert!(
+        line.contains(&missing) && line.contains("No such file"),
+        "{line}"
+    );
+}
+
+#[test]
+fn missing_disk_is_named_for_run_and_restore() {
+    let (t, raw, state) = checkpointed();
+    let missing = t.p("nodisk.img");
+    let err = run_fails(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &missing,
+        "--checkpoint-after",
+        "0",
+    ]);
+    assert!(one_line(&err).contains(&missing), "{err}");
+    let err = run_fails(&[
+        "restore",
+        "--mem-file",
+        &raw,
+        "--state",
+        &state,
+        "--disk",
+        &missing,
+    ]);
+    assert!(one_line(&err).contains(&missing), "{err}");
+}
+
+#[test]
+fn bad_state_files_are_named_with_the_reason() {
+    let (t, raw, state) = checkpointed();
+    let good = std::fs::read(&state).unwrap();
+    let mut corrupt = good.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("garbage.bin", [b'x'; 100].to_vec(), "bad magic"),
+        (
+            "tiny.bin",
+            b"VMML".to_vec(),
+            "not a plausible VMM state size",
+        ),
+        ("corrupt.bin", corrupt, "checksum mismatch"),
+        (
+            "truncated.bin",
+            good[..good.len() - 100].to_vec(),
+            "truncated",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        let path = t.p(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = run_fails(&[
+            "restore",
+            "--mem-file",
+            &raw,
+            "--state",
+            &path,
+            "--disk",
+            &t.disk(),
+        ]);
+        let line = one_line(&err);
+        assert!(
+            line.contains(&path) && line.contains(reason),
+            "{name}: {line}"
+        );
+    }
+    let missing = t.p("missing-state.bin");
+    let err = run_fails(&[
+        "restore",
+        "--mem-file",
+        &raw,
+        "--state",
+        &missing,
+        "--disk",
+        &t.disk(),
+    ]);
+    assert!(one_line(&err).contains(&missing), "{err}");
+}
+
+#[test]
+fn a_different_disk_is_refused() {
+    let (t, raw, state) = checkpointed();
+    let other = Setup::new("8M");
+    let err = run_fails(&[
+        "restore",
+        "--mem-file",
+        &raw,
+        "--state",
+        &state,
+        "--disk",
+        &other.disk(),
+    ]);
+    let line = one_line(&err);
+    assert!(
+        line.contains(&other.disk()) && line.contains("checkpointed with"),
+        "{line}"
+    );
+    drop(t);
+}
+
+#[test]
+fn bad_sizes_are_refused() {
+    let t = Setup::new("16M");
+    let err = run_fails(&["run", "--mem", "3M", "--disk", &t.disk()]);
+    assert!(one_line(&err).contains("not supported"), "{err}");
+    let err = run_fails(&["mkdisk", &t.p("x.img"), "--size", "1000"]);
+    assert!(one_line(&err).contains("multiple of 4096"), "{err}");
+}
