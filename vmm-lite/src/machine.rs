@@ -34,7 +34,8 @@ pub enum MachineError {
     /// The block device.
     #[error(transparent)]
     Block(#[from] BlockError),
-    /// KVM_RUN failed.
+    /// KVM_RUN failed. EFAULT means guest RAM could not be faulted in (a file-backed RAM
+    /// page whose FUSE daemon stopped, for example).
     #[error("KVM_RUN failed at rip {rip:#x}")]
     Run {
         /// Guest rip, if readable.
@@ -60,6 +61,17 @@ pub enum MachineError {
         rip: u64,
         /// Last lines of the guest log.
         log: String,
+    },
+    /// A guest RAM page could not be faulted in.
+    #[error(
+        "guest RAM at {addr:#x} could not be read (rip {rip:#x}): the memory file shrank or the \
+         FUSE daemon serving it stopped"
+    )]
+    RamUnavailable {
+        /// Guest physical address.
+        addr: u64,
+        /// Guest rip.
+        rip: u64,
     },
     /// Completing the pending I/O before a pause did not behave as documented.
     #[error("completing the pending I/O exit before pausing")]
@@ -254,6 +266,9 @@ impl Machine {
                     }
                 }
                 Ok(VcpuExit::Hlt) => return Err(self.on_halt()),
+                Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
+                    return Err(self.on_mmio(addr));
+                }
                 Ok(VcpuExit::Intr) => {}
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
@@ -323,6 +338,20 @@ impl Machine {
         MachineError::Halted {
             rip: self.rip(),
             log: self.serial.recent(),
+        }
+    }
+
+    /// There is no MMIO device: an MMIO exit means the guest touched an address with no
+    /// usable RAM behind it. Inside RAM, that is a page KVM could not fault in (seen when a
+    /// file-backed RAM mapping loses its pages, e.g. the file was truncated).
+    fn on_mmio(&self, addr: u64) -> MachineError {
+        if addr < self.mem.size() {
+            MachineError::RamUnavailable {
+                addr,
+                rip: self.rip(),
+            }
+        } else {
+            self.on_unexpected_exit(format!("MMIO access at {addr:#x}, beyond guest RAM"))
         }
     }
 

@@ -1,5 +1,6 @@
 //! `vmm-lite`: run the guest and checkpoint it, restore it and time requests, make disks.
-//! See vmm-lite/README.md for the guest memory map, the ports and the state format.
+//! See vmm-lite/README.md for the guest memory map, the ports, the request protocol and the
+//! state format.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -194,6 +194,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let state = load_state(opts, checkpoint.as_ref())?;
     let block = BlockDevice::open(&opts.disk, false)?;
     block.check_size(state.devices.disk_size)?;
+    memory::report_sigbus();
     let memory_started = Instant::now();
     let (mem, rebuilt) = load_memory(opts, &state, checkpoint.as_ref())?;
     let memory_ms = memory_started.elapsed().as_secs_f64() * 1e3;
