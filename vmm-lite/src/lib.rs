@@ -17,6 +17,7 @@
 
 pub mod abi;
 pub mod block;
+pub mod cli;
 pub mod driver;
 pub mod guest;
 pub mod hashdev;

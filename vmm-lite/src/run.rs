@@ -68,7 +68,7 @@ pub struct RunReport {
     pub check: String,
     /// Latency of that CHECK (a full pass over guest memory), ms.
     pub check_ms: f64,
-    /// Block read / write requests served.
+    /// Block read requests served.
     pub disk_reads: u64,
     /// Block write requests (kept in the overlay).
     pub disk_writes: u64,
