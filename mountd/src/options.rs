@@ -44,7 +44,7 @@ pub struct Cli {
     /// Cache chunk size in KiB, a multiple of 4 [default: 256].
     #[arg(long)]
     pub chunk_kb: Option<u64>,
-    /// Kernel readahead of the mount (its bdi read_ahead_kb) [default: 1024].
+    /// Kernel readahead of the mount (its bdi read_ahead_kb) [default: 8192].
     #[arg(long)]
     pub readahead_kb: Option<u64>,
     /// Mount options, comma separated (may repeat).
@@ -219,7 +219,7 @@ impl Cli {
             threads,
             notify_store: self.notify_store.or(o.notify_store).unwrap_or(true),
             chunk_bytes: (chunk_kb << 10) as usize,
-            readahead_kb: self.readahead_kb.or(o.readahead_kb).unwrap_or(1024),
+            readahead_kb: self.readahead_kb.or(o.readahead_kb).unwrap_or(8192),
             mount_options,
             acl: o.acl,
         })
