@@ -10,6 +10,7 @@ use crate::guest::Workload;
 use crate::restore::{MemorySource, RestoreOptions};
 use crate::run::RunOptions;
 
+/// The vmm-lite command line.
 #[derive(Parser)]
 #[command(
     name = "vmm-lite",
@@ -48,6 +49,7 @@ struct RunArgs {
     /// Disk image (never modified: guest writes stay in an overlay saved with the state).
     #[arg(long)]
     disk: PathBuf,
+    /// What the guest does with its memory.
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
     /// Guest PRNG seed.
@@ -98,10 +100,10 @@ struct RestoreArgs {
     /// Disk image the VM ran with.
     #[arg(long)]
     disk: PathBuf,
-    /// WORK requests to serve before the final CHECK.
+    /// Requests (READ, or WORK with --writes) before the final CHECK [default: 1000].
     #[arg(long, conflicts_with = "duration")]
     requests: Option<u64>,
-    /// Serve WORK requests for this many seconds (from the first request) instead.
+    /// Serve requests for this many seconds (from the first request) instead.
     #[arg(long)]
     duration: Option<f64>,
     /// Send WORK requests, which modify guest memory, instead of side-effect-free READ

@@ -15,6 +15,8 @@
 //!   0x524 response high half; 0x528 response low half (completes the request); 0x530 hash
 //!   request address.
 
+#![deny(missing_docs)]
+
 pub mod abi;
 pub mod block;
 pub mod cli;
