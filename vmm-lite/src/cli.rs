@@ -58,6 +58,9 @@ struct RunArgs {
     /// Serve requests this many seconds after the guest is ready, then checkpoint.
     #[arg(long, default_value_t = 1.0)]
     checkpoint_after: f64,
+    /// Serve exactly N requests instead, then checkpoint (deterministic for a given seed).
+    #[arg(long, conflicts_with = "checkpoint_after")]
+    warmup_requests: Option<u64>,
     /// Checkpoint file (ckptfs format).
     #[arg(short = 'o', long)]
     out: Option<PathBuf>,
@@ -143,7 +146,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         disk: args.disk,
         workload: args.workload,
         seed: args.seed,
-        warmup: Duration::from_secs_f64(args.checkpoint_after.max(0.0)),
+        warmup: match args.warmup_requests {
+            Some(n) => WorkLimit::Count(n),
+            None => WorkLimit::For(Duration::from_secs_f64(args.checkpoint_after.max(0.0))),
+        },
         out: args.out,
         raw_out: args.raw_out,
         state_out: args.state_out,

@@ -30,8 +30,9 @@ pub struct RunOptions {
     pub workload: Workload,
     /// Guest PRNG seed.
     pub seed: u64,
-    /// Warm-up: serve WORK requests this long after the guest is ready.
-    pub warmup: Duration,
+    /// Warm-up: WORK requests to serve after the guest is ready (a count makes the whole run,
+    /// and so the checkpoint, deterministic for a given seed).
+    pub warmup: WorkLimit,
     /// Checkpoint file to write through ckptfs.
     pub out: Option<PathBuf>,
     /// Raw guest RAM dump to write.
@@ -147,7 +148,7 @@ pub fn boot(opts: &RunOptions) -> Result<Machine, RunError> {
 pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let created = Instant::now();
     let mut machine = boot(opts)?;
-    let mut warm = PlanDriver::new(WorkLimit::For(opts.warmup), created, false);
+    let mut warm = PlanDriver::new(opts.warmup, created, false);
     machine.run(&mut warm)?;
     let ready = warm.first_request().unwrap_or(created);
     let warm_secs = ready.elapsed().as_secs_f64();

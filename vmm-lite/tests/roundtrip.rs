@@ -167,3 +167,27 @@ fn timeline_has_a_line_per_request() {
     );
     assert!(times[0] > 0);
 }
+
+#[test]
+fn counted_warmup_is_deterministic() {
+    let t = Setup::new("16M");
+    let disk = t.disk();
+    let args = [
+        "run",
+        "--mem",
+        MEM,
+        "--disk",
+        &disk,
+        "--workload",
+        "pagecache",
+        "--warmup-requests",
+        "500",
+    ];
+    let (a, b) = (run_json(&args), run_json(&args));
+    assert_eq!(a["warmup_requests"].as_u64(), Some(500));
+    assert_eq!(a["check"], b["check"]);
+    assert_eq!(a["hints"], b["hints"]);
+    let mut other_seed = args.to_vec();
+    other_seed.extend(["--seed", "2"]);
+    assert_ne!(run_json(&other_seed)["check"], a["check"]);
+}
