@@ -15,6 +15,32 @@
 //!   0x524 response high half; 0x528 response low half (completes the request); 0x530 hash
 //!   request address.
 
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! use vmm_lite::{block::BlockDevice, driver::{PlanDriver, WorkLimit}, guest, machine::Machine};
+//! use vmm_lite::{memory::GuestMemory, state};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Boot a 16 MiB guest on disk.img (tracking its disk reads) and serve 100 requests + CHECK.
+//! let block = BlockDevice::open("disk.img".as_ref(), true)?;
+//! let params = guest::BootParams { workload: guest::Workload::Mixed, disk_size: block.size(), seed: 1 };
+//! let mut vm = Machine::boot(GuestMemory::anonymous(16 << 20)?, block, &params)?;
+//! let mut driver = PlanDriver::new(WorkLimit::Count(100), Instant::now(), false);
+//! vm.run(&mut driver)?;
+//! // Paused right after the CHECK: save, then resume a copy over a private map of the dump.
+//! vm.harvest_dirty_log()?;
+//! let saved = state::encode(&vm.save()?);
+//! std::fs::write("mem.raw", vm.memory().as_slice())?;
+//! let saved = state::decode(&saved)?;
+//! let mem = GuestMemory::map_file_private("mem.raw".as_ref(), saved.devices.mem_size)?;
+//! let mut copy = Machine::restore(mem, BlockDevice::open("disk.img".as_ref(), false)?, &saved)?;
+//! let mut check = PlanDriver::new(WorkLimit::Count(0), Instant::now(), false);
+//! copy.run(&mut check)?;
+//! assert_eq!(check.check(), driver.check());
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod abi;
