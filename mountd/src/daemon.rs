@@ -61,6 +61,8 @@ pub fn detach() -> io::Result<Ready> {
     drop(rd);
     // SAFETY: setsid has no memory-safety preconditions; it detaches from the terminal's session.
     unsafe { libc::setsid() };
+    // Do not keep the caller's working directory busy (paths are absolute by now).
+    std::env::set_current_dir("/")?;
     Ok(Ready(fs::File::from(wr)))
 }
 

@@ -29,6 +29,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub trait KernelCache: Send + Sync {
     /// Store `data` at byte `offset` of `memory` in the kernel page cache.
     fn store(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Drop `[offset, offset + len)` of `memory` from the kernel page cache.
+    fn invalidate(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
 /// Tunables of the read path.
@@ -306,6 +309,30 @@ impl Engine {
                 stats::add(&self.stats.stored_bytes, data.len() as u64);
             }
             Err(e) => debug!("mountd: notify-store of chunk {c} failed: {e}"),
+        }
+    }
+
+    /// A refused write may have left modified pages in the kernel page cache (a
+    /// writable MAP_SHARED mapping is written back through FUSE_WRITE, and the
+    /// kernel keeps the folio's new bytes when writeback fails): drop them so
+    /// readers see the checkpoint's bytes again. Runs on its own thread, after
+    /// the EROFS reply: invalidating from the FUSE thread would wait for the very
+    /// writeback that waits for that reply.
+    pub fn invalidate_after_refused_write(self: &Arc<Self>, offset: u64, len: u64) {
+        let engine = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ckptfs-inval".into())
+            .spawn(move || {
+                if let Some(k) = engine.kernel.get() {
+                    let start = offset / PAGE * PAGE;
+                    let end = (offset + len).div_ceil(PAGE) * PAGE;
+                    if let Err(e) = k.invalidate(start, end - start) {
+                        debug!("mountd: invalidating {start:#x}..{end:#x} failed: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!("mountd: cannot start invalidation thread: {e}");
         }
     }
 

@@ -278,16 +278,20 @@ impl Filesystem for CkptFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         reply.error(self.refuse_write("write"));
+        if ino == MEMORY_INO {
+            self.engine
+                .invalidate_after_refused_write(offset, data.len() as u64);
+        }
     }
 
     fn fallocate(
@@ -365,5 +369,11 @@ pub struct NotifierCache(pub fuser::Notifier);
 impl KernelCache for NotifierCache {
     fn store(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.0.store(MEMORY_INO, offset, data)
+    }
+
+    fn invalidate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let off = i64::try_from(offset).map_err(io::Error::other)?;
+        let len = i64::try_from(len).map_err(io::Error::other)?;
+        self.0.inval_inode(MEMORY_INO, off, len)
     }
 }

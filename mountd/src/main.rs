@@ -6,7 +6,8 @@ use clap::Parser;
 use mountd::{daemon, options::Cli};
 
 fn main_exec() -> anyhow::Result<()> {
-    let settings = Cli::parse().settings()?;
+    let mut settings = Cli::parse().settings()?;
+    settings.make_absolute()?;
     let ready = if settings.foreground {
         None
     } else {

@@ -174,6 +174,17 @@ fn parse_opt(o: &str, acc: &mut FromOpts) -> Result<(), OptionError> {
     Ok(())
 }
 
+impl Settings {
+    /// Make every path absolute, so a daemon that left the caller's working
+    /// directory (it moves to `/`) still finds its files.
+    pub fn make_absolute(&mut self) -> std::io::Result<()> {
+        self.checkpoint = std::path::absolute(&self.checkpoint)?;
+        self.mountpoint = std::path::absolute(&self.mountpoint)?;
+        self.workingset = std::path::absolute(&self.workingset)?;
+        Ok(())
+    }
+}
+
 impl Cli {
     /// Merge `-o` options, flags and defaults.
     pub fn settings(&self) -> Result<Settings, OptionError> {

@@ -230,6 +230,45 @@ fn read_write_open_succeeds_but_writes_fail_and_sources_stay_untouched() {
 }
 
 #[test]
+fn writes_through_a_shared_mapping_are_refused_and_dropped() {
+    let env = Env::new();
+    let before = hash_file(&env.fx.ckpt);
+    let _m = env.mount(&["--prefetch", "none"]);
+    let orig = env.original();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(env.memory())
+        .unwrap();
+    // SAFETY: nobody truncates the file while it is mapped.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+    map[5000] ^= 0xff;
+    assert!(
+        map.flush().is_err(),
+        "writeback of a shared mapping must fail"
+    );
+    drop(map);
+    drop(f);
+    let t0 = Instant::now();
+    loop {
+        let mut b = [0u8; 1];
+        fs::File::open(env.memory())
+            .unwrap()
+            .read_exact_at(&mut b, 5000)
+            .unwrap();
+        if b[0] == orig[5000] {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "modified page stays in the page cache"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hash_file(&env.fx.ckpt), before);
+}
+
+#[test]
 fn stats_json_parses_and_counts_move() {
     let env = Env::new();
     let m = env.mount(&["--prefetch", "none"]);
