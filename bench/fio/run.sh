@@ -6,7 +6,8 @@
 # VMM-like mmap reader, and the daemon's RSS. Needs root (drop_caches, mounts).
 #
 # usage: bench/fio/run.sh [GUEST_MIB (2048)] [DISK_MIB (1024)]
-# env:   RUNTIME (s per fio run, 8), POLICY (prefetch for the main table, all),
+# env:   RUNTIME (s per fio run, 6), REPEAT (runs per cell, median reported, 3),
+#        POLICY (prefetch for the main table, all),
 #        MOUNTD_ARGS (extra ckptfs-mountd flags), WORK (/var/tmp/ckptfs-fio-bench),
 #        ONLY (space-separated subset of: main policies store)
 set -euo pipefail
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 GUEST_MIB=${1:-2048}
 DISK_MIB=${2:-1024}
-RUNTIME=${RUNTIME:-8}
+RUNTIME=${RUNTIME:-6}
+REPEAT=${REPEAT:-3}
 POLICY=${POLICY:-all}
 MOUNTD_ARGS=${MOUNTD_ARGS:-}
 WORK=${WORK:-/var/tmp/ckptfs-fio-bench}
@@ -55,8 +57,8 @@ mount_fresh() { # args: extra ckptfs-mountd flags
   # shellcheck disable=SC2086
   "$MOUNTD" "$FX/vm.ckpt" "$MNT" $MOUNTD_ARGS "$@"
 }
-fio_run() { # name job file
-  FILE=$3 RUNTIME=$RUNTIME fio --output-format=json "$JOBS/$2.fio" >"$OUT/$1.json"
+fio_run() { # name job file [invalidate]
+  FILE=$3 RUNTIME=$RUNTIME INVALIDATE=${4:-1} fio --output-format=json "$JOBS/$2.fio" >"$OUT/$1.json"
 }
 daemon_mem() { # name: VmHWM/RssAnon/RssFile of the daemon into OUT/name.mem
   local pid
@@ -72,16 +74,21 @@ wait_background() {
   echo "fio bench: background fetch did not complete in 60 s" >&2
 }
 
+# The host disk is shared and noisy: native and FUSE runs alternate, REPEAT
+# times, and the summary reports medians. Cold = dropped caches and a fresh
+# daemon; warm = the same job again right after, keeping the page cache.
 if [[ " $ONLY " == *" main "* ]]; then
-  for job in seq-1m rand-4k mmap multi; do
-    echo "fio bench: $job" >&2
-    drop_caches; fio_run "native-cold-$job" "$job" "$FX/vm.mem"
-    fio_run "native-warm-$job" "$job" "$FX/vm.mem"
-    drop_caches; mount_fresh --prefetch "$POLICY"
-    fio_run "fuse-cold-$job" "$job" "$MNT/memory"
-    fio_run "fuse-warm-$job" "$job" "$MNT/memory"
-    daemon_mem "main-$job"
-    unmount
+  for rep in $(seq "$REPEAT"); do
+    for job in seq-1m rand-4k mmap multi; do
+      echo "fio bench: $job, run $rep" >&2
+      drop_caches; fio_run "native-cold-$job-r$rep" "$job" "$FX/vm.mem"
+      fio_run "native-warm-$job-r$rep" "$job" "$FX/vm.mem" 0
+      drop_caches; mount_fresh --prefetch "$POLICY"
+      fio_run "fuse-cold-$job-r$rep" "$job" "$MNT/memory"
+      fio_run "fuse-warm-$job-r$rep" "$job" "$MNT/memory" 0
+      daemon_mem "main-$job"
+      unmount
+    done
   done
 fi
 
@@ -91,13 +98,15 @@ if [[ " $ONLY " == *" policies "* ]]; then
   drop_caches; mount_fresh --prefetch none --record-workingset
   fio_run "record-rand-4k" rand-4k "$MNT/memory"
   unmount
-  for policy in none readahead workingset all; do
-    for job in seq-1m rand-4k; do
-      echo "fio bench: policy $policy, $job" >&2
-      drop_caches; mount_fresh --prefetch "$policy"
-      fio_run "policy-$policy-$job" "$job" "$MNT/memory"
-      daemon_mem "policy-$policy-$job"
-      unmount
+  for rep in $(seq "$REPEAT"); do
+    for policy in none readahead workingset all; do
+      for job in seq-1m rand-4k; do
+        echo "fio bench: policy $policy, $job, run $rep" >&2
+        drop_caches; mount_fresh --prefetch "$policy"
+        fio_run "policy-$policy-$job-r$rep" "$job" "$MNT/memory"
+        daemon_mem "policy-$policy-$job"
+        unmount
+      done
     done
   done
 fi
@@ -129,5 +138,5 @@ EOF
   done
 fi
 
-"$PY" "$ROOT/bench/fio/summarize.py" "$OUT" "$GUEST_MIB" "$POLICY" | tee "$OUT/summary.md"
+"$PY" "$ROOT/bench/fio/summarize.py" "$OUT" "$GUEST_MIB" "$POLICY" "$REPEAT" | tee "$OUT/summary.md"
 echo "fio bench: raw results in $OUT" >&2

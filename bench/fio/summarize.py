@@ -1,20 +1,33 @@
 """Turn bench/fio/run.sh's raw fio JSON into the markdown tables of bench/RESULTS.md.
 
-usage: summarize.py OUT_DIR GUEST_MIB POLICY
+usage: summarize.py OUT_DIR GUEST_MIB POLICY REPEAT
+Each cell is the median over the REPEAT runs named NAME-r1..rN.
 """
 import json
 import os
+import statistics
 import sys
 
-out, guest_mib, policy = sys.argv[1], sys.argv[2], sys.argv[3]
+out, guest_mib, policy, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 
-def load(name):
+def load_one(name):
     path = os.path.join(out, name + ".json")
     if not os.path.exists(path):
         return None
     text = open(path).read()
     return json.loads(text[text.index("{"):])
+
+
+def load(name):
+    """Median metrics over the repeats of NAME, or None."""
+    runs = [load_one(f"{name}-r{i}") for i in range(1, repeat + 1)]
+    runs = [metrics(r) for r in runs if r]
+    if not runs:
+        return None
+    med = [statistics.median(col) for col in zip(*runs)]
+    med[3] = sum(r[3] for r in runs)  # errors: total, not median
+    return tuple(med)
 
 
 def metrics(report):
@@ -37,7 +50,7 @@ def mem(name):
 
 
 print(f"Guest {guest_mib} MiB (mkfixture: 40 % zero, 35 % disk, 25 % blob pages), "
-      f"prefetch `{policy}` for the main table.\n")
+      f"prefetch `{policy}` for the main table; medians of {repeat} runs.\n")
 
 rows = []
 for job in ["seq-1m", "rand-4k", "mmap", "multi"]:
@@ -45,8 +58,8 @@ for job in ["seq-1m", "rand-4k", "mmap", "multi"]:
         n, f = load(f"native-{temp}-{job}"), load(f"fuse-{temp}-{job}")
         if not n or not f:
             continue
-        nb, np50, niops, ne = metrics(n)
-        fb, fp50, fiops, fe = metrics(f)
+        nb, np50, niops, ne = n
+        fb, fp50, fiops, fe = f
         rows.append((job, temp, nb, fb, fb / nb if nb else 0, np50, fp50,
                      fp50 / np50 if np50 else 0, ne + fe))
 if rows:
@@ -68,8 +81,8 @@ for p in ["none", "readahead", "workingset", "all"]:
     s, r = load(f"policy-{p}-seq-1m"), load(f"policy-{p}-rand-4k")
     if not s or not r:
         continue
-    sb = metrics(s)[0]
-    rb, rp50, riops, _ = metrics(r)
+    sb = s[0]
+    rb, rp50, riops, _ = r
     prow.append((p, sb, riops, rp50, mem(f"policy-{p}-seq-1m")))
 if prow:
     print("Prefetch policies, cold (fresh daemon, dropped caches); the working set was "

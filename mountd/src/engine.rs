@@ -74,6 +74,8 @@ pub struct Engine {
     /// Counters served by the stats file.
     pub stats: Stats,
     fetched: AtomicBitmap,
+    /// Chunks being rebuilt right now (prefetchers skip them; demand never waits).
+    busy: AtomicBitmap,
     stored: AtomicBitmap,
     demand_seen: AtomicBitmap,
     recorded: Mutex<Vec<u64>>,
@@ -99,6 +101,7 @@ impl Engine {
         Engine {
             cache: ChunkCache::new(cfg.cache_bytes, cfg.chunk_bytes),
             fetched: AtomicBitmap::new(chunk_count),
+            busy: AtomicBitmap::new(chunk_count),
             stored: AtomicBitmap::new(chunk_count),
             demand_seen: AtomicBitmap::new(chunk_count),
             recorded: Mutex::new(Vec::new()),
@@ -269,10 +272,12 @@ impl Engine {
         let range = self.chunk_range(c);
         let len = (range.end - range.start) as usize;
         let mut buf = self.cache.take_buffer();
-        match self
+        self.busy.test_and_set(c);
+        let res = self
             .reader
-            .read_pages(PageIndex(range.start / PAGE), &mut buf[..len])
-        {
+            .read_pages(PageIndex(range.start / PAGE), &mut buf[..len]);
+        self.busy.test_and_clear(c);
+        match res {
             Ok(counts) => self.stats.add_counts(&counts),
             Err(e) => {
                 self.cache.give_back(buf);
@@ -336,9 +341,10 @@ impl Engine {
         }
     }
 
-    /// Whether chunk `c` needs no prefetching (cached, or pushed to the kernel).
+    /// Whether chunk `c` needs no prefetching (cached, pushed to the kernel, or
+    /// being rebuilt by someone else right now).
     pub fn chunk_is_present(&self, c: u64) -> bool {
-        self.stored.get(c) || self.cache.contains(c)
+        self.stored.get(c) || self.busy.get(c) || self.cache.contains(c)
     }
 
     /// Whether chunk `c` was ever rebuilt.

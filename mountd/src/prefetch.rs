@@ -230,7 +230,7 @@ fn become_low_priority() {
 fn readahead_worker(engine: &Engine) {
     become_low_priority();
     while let Some(c) = engine.queue.wait_readahead() {
-        if engine.chunk_is_present(c) {
+        if engine.chunk_is_present(c) || engine.chunk_was_fetched(c) {
             continue;
         }
         prefetch_one(engine, c, Purpose::Readahead);
@@ -310,7 +310,7 @@ fn sweep(engine: &Engine) {
         if engine.queue.is_shut_down() {
             return;
         }
-        if engine.chunk_was_fetched(c) {
+        if engine.chunk_was_fetched(c) || engine.chunk_is_present(c) {
             continue;
         }
         if done >= budget {

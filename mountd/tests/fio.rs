@@ -19,6 +19,7 @@ fn run_fio(job: &str, file: &Path) -> serde_json::Value {
         .arg(job_dir().join(job))
         .env("FILE", file)
         .env("RUNTIME", "1")
+        .env("INVALIDATE", "1")
         .output()
         .unwrap_or_else(|e| panic!("cannot run fio ({e}): install it with scripts/setup.sh"));
     let stdout = String::from_utf8_lossy(&out.stdout);
