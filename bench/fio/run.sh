@@ -9,7 +9,7 @@
 # env:   RUNTIME (s per fio run, 6), REPEAT (runs per cell, median reported, 3),
 #        POLICY (prefetch for the main table, all),
 #        MOUNTD_ARGS (extra ckptfs-mountd flags), WORK (/var/tmp/ckptfs-fio-bench),
-#        ONLY (space-separated subset of: main policies store)
+#        ONLY (space-separated subset of: main policies chunks store)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -20,7 +20,7 @@ REPEAT=${REPEAT:-3}
 POLICY=${POLICY:-all}
 MOUNTD_ARGS=${MOUNTD_ARGS:-}
 WORK=${WORK:-/var/tmp/ckptfs-fio-bench}
-ONLY=${ONLY:-main policies store}
+ONLY=${ONLY:-main policies chunks store}
 JOBS=$ROOT/tests/fio
 PY=/usr/bin/python3
 
@@ -105,6 +105,19 @@ if [[ " $ONLY " == *" policies "* ]]; then
         drop_caches; mount_fresh --prefetch "$policy"
         fio_run "policy-$policy-$job-r$rep" "$job" "$MNT/memory"
         daemon_mem "policy-$policy-$job"
+        unmount
+      done
+    done
+  done
+fi
+
+if [[ " $ONLY " == *" chunks "* ]]; then
+  for rep in $(seq "$REPEAT"); do
+    for kb in 64 256 1024; do
+      for job in seq-1m rand-4k; do
+        echo "fio bench: chunk $kb KiB, $job, run $rep" >&2
+        drop_caches; mount_fresh --prefetch none --chunk-kb "$kb"
+        fio_run "chunk-$kb-$job-r$rep" "$job" "$MNT/memory"
         unmount
       done
     done

@@ -93,6 +93,19 @@ if prow:
         print(f"| {p[0]} | {p[1]:.0f} | {p[2]:.0f} | {p[3]:.1f} | {p[4]} |")
     print()
 
+crow = []
+for kb in ["64", "256", "1024"]:
+    s, r = load(f"chunk-{kb}-seq-1m"), load(f"chunk-{kb}-rand-4k")
+    if s and r:
+        crow.append((kb, s[0], s[1], r[2], r[1]))
+if crow:
+    print("Chunk size (cold, prefetch none):\n")
+    print("| chunk | seq-1m MB/s | seq-1m p50 us | rand-4k IOPS | rand-4k p50 us |")
+    print("|---:|---:|---:|---:|---:|")
+    for c in crow:
+        print(f"| {c[0]} KiB | {c[1]:.0f} | {c[2]:.1f} | {c[3]:.0f} | {c[4]:.1f} |")
+    print()
+
 for store in ["true", "false"]:
     path = os.path.join(out, f"store-{store}.time")
     if os.path.exists(path):

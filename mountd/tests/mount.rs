@@ -340,6 +340,29 @@ fn background_fetch_completes_and_stores_into_the_page_cache() {
 }
 
 #[test]
+fn small_sequential_reads_are_read_ahead_by_the_daemon() {
+    let env = Env::new();
+    let m = env.mount(&["--prefetch", "readahead", "--notify-store", "false"]);
+    let orig = env.original();
+    let f = DirectFile::open(&env.memory());
+    for p in 0..4096u64 {
+        assert!(
+            f.read_page(p).unwrap() == orig[p as usize * PAGE..][..PAGE],
+            "page {p}"
+        );
+    }
+    let s = m.stats();
+    assert!(
+        s["prefetch"]["readahead_bytes"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    assert!(
+        s["prefetch"]["used_by_demand_bytes"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+}
+
+#[test]
 fn sigterm_unmounts_cleanly() {
     let env = Env::new();
     let log = env.dir.path().join("mountd.log");
