@@ -58,11 +58,17 @@ enum Command {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
-    /// The demo: a guest checkpointed, verified, and its numbers printed.
+    /// The demo: a VM checkpointed, mounted and restored, with its numbers printed.
     Demo {
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 256)]
         guest_mib: u64,
+        /// Seconds each restored VM serves requests.
+        #[arg(long, default_value_t = 2.0)]
+        duration: f64,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -108,7 +114,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             }
         }
-        Command::Restore { quick, workloads, sizes, reps, duration, dir, out } => {
+        Command::Restore {
+            quick,
+            workloads,
+            sizes,
+            reps,
+            duration,
+            dir,
+            out,
+        } => {
             let sizes = if !sizes.is_empty() {
                 sizes
             } else if quick {
@@ -117,11 +131,25 @@ fn run(cli: Cli) -> Result<()> {
                 vec![512, 1024, 2048, 4096]
             };
             let (_keep, dir) = work_dir(dir)?;
-            matrix::run(&matrix::Matrix { workloads, sizes, reps, duration }, &dir, &out)?;
+            matrix::run(
+                &matrix::Matrix {
+                    workloads,
+                    sizes,
+                    reps,
+                    duration,
+                },
+                &dir,
+                &out,
+            )?;
         }
-        Command::Demo { guest_mib, dir } => {
+        Command::Demo {
+            guest_mib,
+            duration,
+            json,
+            dir,
+        } => {
             let (_keep, dir) = work_dir(dir)?;
-            demo::run(&dir, guest_mib)?;
+            demo::run(&dir, guest_mib, duration, json)?;
         }
     }
     Ok(())

@@ -55,14 +55,24 @@ pub fn run(m: &Matrix, dir: &Path, out: &Path) -> Result<()> {
             md.push_str(&table);
             let png = out.join(format!("restore-{workload}-{mib}.png"));
             report::plot(&png, &vm, &refs, &labels)?;
-            md.push_str(&format!("![{workload} {mib} MiB]({})\n\n", png.file_name().unwrap().to_string_lossy()));
+            md.push_str(&format!(
+                "![{workload} {mib} MiB]({})\n\n",
+                png.file_name().unwrap().to_string_lossy()
+            ));
             std::fs::remove_dir_all(&vm.dir).ok();
             all.extend(runs);
         }
     }
-    let json: Vec<String> = all.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+    let json: Vec<String> = all
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
     std::fs::write(out.join("restore.jsonl"), json.join("\n") + "\n")?;
     std::fs::write(out.join("restore.md"), &md)?;
-    eprintln!("bench restore: done in {:.0} s; tables in {}", started.elapsed().as_secs_f64(), out.join("restore.md").display());
+    eprintln!(
+        "bench restore: done in {:.0} s; tables in {}",
+        started.elapsed().as_secs_f64(),
+        out.join("restore.md").display()
+    );
     Ok(())
 }

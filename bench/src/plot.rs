@@ -12,9 +12,14 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 fn register_font() -> Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        let bytes = std::fs::read(FONT).map_err(|e| format!("font {FONT}: {e} (run scripts/setup.sh)"))?;
-        plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-            .map_err(|_| format!("font {FONT}: not a usable TrueType font"))
+        let bytes =
+            std::fs::read(FONT).map_err(|e| format!("font {FONT}: {e} (run scripts/setup.sh)"))?;
+        plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            Box::leak(bytes.into_boxed_slice()),
+        )
+        .map_err(|_| format!("font {FONT}: not a usable TrueType font"))
     })
     .clone()
     .map_err(|e| anyhow!(e))
@@ -33,8 +38,15 @@ pub fn throughput(out: &Path, title: &str, window_ms: u64, series: &[Series]) ->
     register_font()?;
     let root = BitMapBackend::new(out, (1000, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_x = series.iter().map(|s| s.per_window.len()).max().unwrap_or(1) as f64 * window_ms as f64 / 1000.0;
-    let max_y = series.iter().flat_map(|s| s.per_window.iter().copied()).max().unwrap_or(1) as f64 * 1.1;
+    let max_x = series.iter().map(|s| s.per_window.len()).max().unwrap_or(1) as f64
+        * window_ms as f64
+        / 1000.0;
+    let max_y = series
+        .iter()
+        .flat_map(|s| s.per_window.iter().copied())
+        .max()
+        .unwrap_or(1) as f64
+        * 1.1;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(12)
@@ -64,7 +76,8 @@ pub fn throughput(out: &Path, title: &str, window_ms: u64, series: &[Series]) ->
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
-    root.present().with_context(|| format!("writing plot {}", out.display()))?;
+    root.present()
+        .with_context(|| format!("writing plot {}", out.display()))?;
     Ok(())
 }
 
@@ -77,8 +90,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("t.png");
         let series = vec![
-            Series { label: "warm".into(), per_window: vec![100; 20] },
-            Series { label: "lazy".into(), per_window: (0..20).map(|i| i * 5).collect() },
+            Series {
+                label: "warm".into(),
+                per_window: vec![100; 20],
+            },
+            Series {
+                label: "lazy".into(),
+                per_window: (0..20).map(|i| i * 5).collect(),
+            },
         ];
         throughput(&out, "test", 100, &series).unwrap();
         let bytes = std::fs::read(&out).unwrap();

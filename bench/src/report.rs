@@ -51,16 +51,32 @@ pub fn table(vm: &Vm, runs: &[&Measured], methods: &[String]) -> String {
             let hi = ttrs.iter().copied().fold(0.0, f64::max);
             format!("{lo:.0}-{hi:.0}")
         } else {
-            format!("{} of {} never responsive", mine.len() - ttrs.len(), mine.len())
+            format!(
+                "{} of {} never responsive",
+                mine.len() - ttrs.len(),
+                mine.len()
+            )
         };
         let _ = writeln!(
             s,
             "| {method} | {} | {range} | {} | {} | {:.0} | {} |",
             fmt_ms(median_ttr(runs, method)),
             fmt_ms(median(mine.iter().map(|m| m.first_response_ms).collect())),
-            fmt_ms(median(mine.iter().filter_map(|m| m.resident_ms).collect()).filter(|_| mine.iter().all(|m| m.resident_ms.is_some()))),
-            median(mine.iter().map(|m| m.storage_bytes as f64 / 1048576.0).collect()).unwrap_or(0.0),
-            if mine.iter().all(|m| m.check_ok) { "identical" } else { "MISMATCH" },
+            fmt_ms(
+                median(mine.iter().filter_map(|m| m.resident_ms).collect())
+                    .filter(|_| mine.iter().all(|m| m.resident_ms.is_some()))
+            ),
+            median(
+                mine.iter()
+                    .map(|m| m.storage_bytes as f64 / 1048576.0)
+                    .collect()
+            )
+            .unwrap_or(0.0),
+            if mine.iter().all(|m| m.check_ok) {
+                "identical"
+            } else {
+                "MISMATCH"
+            },
         );
     }
     s.push('\n');
@@ -70,7 +86,9 @@ pub fn table(vm: &Vm, runs: &[&Measured], methods: &[String]) -> String {
 
 /// TTR(ckptfs-*) divided by each baseline's TTR.
 fn ratios(runs: &[&Measured], methods: &[String]) -> String {
-    let mut s = String::from("| ckptfs policy | / eager-raw (goal <= 0.25) | / eager-optimized (<= 0.2) | / lazy-raw (<= 0.7) | / warm (<= 1.5) |\n|---|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| ckptfs policy | / eager-raw (goal <= 0.25) | / eager-optimized (<= 0.2) | / lazy-raw (<= 0.7) | / warm (<= 1.5) |\n|---|---:|---:|---:|---:|\n",
+    );
     let base = |m: &str| median_ttr(runs, m).map(ttr_floor);
     for method in methods.iter().filter(|m| m.starts_with("ckptfs-")) {
         let Some(mine) = median_ttr(runs, method).map(ttr_floor) else {
@@ -78,7 +96,14 @@ fn ratios(runs: &[&Measured], methods: &[String]) -> String {
             continue;
         };
         let r = |b: &str| base(b).map_or("-".into(), |b| format!("{:.2}", mine / b));
-        let _ = writeln!(s, "| {method} | {} | {} | {} | {} |", r("eager-raw"), r("eager-optimized"), r("lazy-raw"), r("warm"));
+        let _ = writeln!(
+            s,
+            "| {method} | {} | {} | {} | {} |",
+            r("eager-raw"),
+            r("eager-optimized"),
+            r("lazy-raw"),
+            r("warm")
+        );
     }
     s.push('\n');
     s
@@ -90,9 +115,15 @@ pub fn plot(out: &Path, vm: &Vm, runs: &[&Measured], methods: &[String]) -> Resu
         .iter()
         .filter_map(|method| {
             let m = runs.iter().find(|m| &m.method == method && m.rep == 0)?;
-            Some(Series { label: method.clone(), per_window: ttr::per_window(&m.times, ttr::WINDOW_NS) })
+            Some(Series {
+                label: method.clone(),
+                per_window: ttr::per_window(&m.times, ttr::WINDOW_NS),
+            })
         })
         .collect();
-    let title = format!("{} guest, {} MiB: requests per 100 ms after restore", vm.workload, vm.mib);
+    let title = format!(
+        "{} guest, {} MiB: requests per 100 ms after restore",
+        vm.workload, vm.mib
+    );
     plot::throughput(out, &title, ttr::WINDOW_NS / 1_000_000, &series)
 }

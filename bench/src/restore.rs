@@ -61,10 +61,20 @@ pub struct Tools {
 impl Tools {
     /// The binaries beside this one (cargo puts the workspace's in one folder).
     pub fn find() -> Result<Self> {
-        let dir = std::env::current_exe()?.parent().context("bench has no folder")?.to_owned();
-        let tools = Tools { vmm: dir.join("vmm-lite"), mountd: dir.join("ckptfs-mountd") };
+        let dir = std::env::current_exe()?
+            .parent()
+            .context("bench has no folder")?
+            .to_owned();
+        let tools = Tools {
+            vmm: dir.join("vmm-lite"),
+            mountd: dir.join("ckptfs-mountd"),
+        };
         for p in [&tools.vmm, &tools.mountd] {
-            ensure!(p.exists(), "{} is not built; run `cargo build --release --workspace`", p.display());
+            ensure!(
+                p.exists(),
+                "{} is not built; run `cargo build --release --workspace`",
+                p.display()
+            );
         }
         Ok(tools)
     }
@@ -82,8 +92,6 @@ pub struct Vm {
     pub check: String,
     /// Checkpoint size / guest RAM.
     pub size_ratio: f64,
-    /// Warm requests per second before the checkpoint.
-    pub warm_rps: f64,
 }
 
 impl Vm {
@@ -93,10 +101,17 @@ impl Vm {
 }
 
 fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     ensure!(out.status.success(), "{cmd:?} failed ({})", out.status);
     let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().rev().find(|l| l.starts_with('{')).context("no JSON report")?;
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no JSON report")?;
     serde_json::from_str(last).with_context(|| format!("parsing the report of {cmd:?}"))
 }
 
@@ -106,11 +121,25 @@ pub fn prepare(tools: &Tools, root: &Path, workload: &str, mib: u64) -> Result<V
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join("disk.img");
     let disk_mib = mib.max(64);
-    run_status(Command::new(&tools.vmm).arg("mkdisk").arg(&disk).arg("--size").arg(format!("{disk_mib}M")))?;
+    run_status(
+        Command::new(&tools.vmm)
+            .arg("mkdisk")
+            .arg(&disk)
+            .arg("--size")
+            .arg(format!("{disk_mib}M")),
+    )?;
     eprintln!("bench: {workload} {mib} MiB: booting, warming up, checkpointing");
     let report = run_json(
         Command::new(&tools.vmm)
-            .args(["run", "--mem", &format!("{mib}M"), "--workload", workload, "--checkpoint-after", "1"])
+            .args([
+                "run",
+                "--mem",
+                &format!("{mib}M"),
+                "--workload",
+                workload,
+                "--checkpoint-after",
+                "1",
+            ])
             .arg("--disk")
             .arg(&disk)
             .arg("-o")
@@ -120,7 +149,10 @@ pub fn prepare(tools: &Tools, root: &Path, workload: &str, mib: u64) -> Result<V
             .arg("--state-out")
             .arg(dir.join("state.bin")),
     )?;
-    let check = report["check"].as_str().context("run report has no check")?.to_owned();
+    let check = report["check"]
+        .as_str()
+        .context("run report has no check")?
+        .to_owned();
     let ckpt_bytes = std::fs::metadata(dir.join("vm.ckpt"))?.len();
     Ok(Vm {
         dir,
@@ -128,12 +160,14 @@ pub fn prepare(tools: &Tools, root: &Path, workload: &str, mib: u64) -> Result<V
         mib,
         check,
         size_ratio: ckpt_bytes as f64 / (mib << 20) as f64,
-        warm_rps: report["warm_requests_per_sec"].as_f64().unwrap_or(0.0),
     })
 }
 
 fn run_status(cmd: &mut Command) -> Result<()> {
-    let st = cmd.stdout(Stdio::null()).status().with_context(|| format!("running {cmd:?}"))?;
+    let st = cmd
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
     ensure!(st.success(), "{cmd:?} failed ({st})");
     Ok(())
 }
@@ -148,7 +182,10 @@ pub fn drop_caches() -> Result<()> {
 /// KiB read from block devices so far (/proc/vmstat pgpgin).
 fn pgpgin_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    s.lines().find_map(|l| l.strip_prefix("pgpgin ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    s.lines()
+        .find_map(|l| l.strip_prefix("pgpgin "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What one restore measured.
@@ -186,7 +223,9 @@ impl Mount {
         let point = vm.path("mnt");
         std::fs::create_dir_all(&point)?;
         let mut cmd = Command::new(&tools.mountd);
-        cmd.arg(vm.path("vm.ckpt")).arg(&point).args(["--prefetch", policy]);
+        cmd.arg(vm.path("vm.ckpt"))
+            .arg(&point)
+            .args(["--prefetch", policy]);
         if record {
             cmd.arg("--record-workingset");
         }
@@ -197,7 +236,10 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.point).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.point)
+            .status();
         // Wait for the daemon to let go (it writes the working set on exit).
         for _ in 0..100 {
             let mounted = std::fs::read_to_string("/proc/mounts")
@@ -213,7 +255,11 @@ impl Drop for Mount {
 }
 
 /// Poll the mount's stats until background fetch completes; returns when it did.
-fn watch_background(stats: PathBuf, start: Instant, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Option<f64>> {
+fn watch_background(
+    stats: PathBuf,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Option<f64>> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             if let Ok(s) = std::fs::read_to_string(&stats)
@@ -229,7 +275,13 @@ fn watch_background(stats: PathBuf, start: Instant, stop: Arc<AtomicBool>) -> st
 }
 
 /// Restore `vm` with `method` and measure it.
-pub fn restore(tools: &Tools, vm: &Vm, method: Method, rep: usize, duration_s: f64) -> Result<Measured> {
+pub fn restore(
+    tools: &Tools,
+    vm: &Vm,
+    method: Method,
+    rep: usize,
+    duration_s: f64,
+) -> Result<Measured> {
     if method == Method::Warm {
         // Make the raw dump resident in the page cache.
         std::fs::read(vm.path("mem.raw")).map(drop)?;
@@ -241,23 +293,35 @@ pub fn restore(tools: &Tools, vm: &Vm, method: Method, rep: usize, duration_s: f
     let start = Instant::now();
     let mut cmd = Command::new(&tools.vmm);
     cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
-    cmd.args(["--duration", &duration_s.to_string()]).arg("--timeline").arg(&timeline);
+    cmd.args(["--duration", &duration_s.to_string()])
+        .arg("--timeline")
+        .arg(&timeline);
     let mut mount = None;
     let mut watcher = None;
     let stop = Arc::new(AtomicBool::new(false));
     match method {
         Method::EagerRaw => {
-            cmd.arg("--mem-file").arg(vm.path("mem.raw")).arg("--eager").arg("--state").arg(vm.path("state.bin"));
+            cmd.arg("--mem-file")
+                .arg(vm.path("mem.raw"))
+                .arg("--eager")
+                .arg("--state")
+                .arg(vm.path("state.bin"));
         }
         Method::EagerOptimized => {
             cmd.arg("--ckpt").arg(vm.path("vm.ckpt"));
         }
         Method::LazyRaw | Method::Warm => {
-            cmd.arg("--mem-file").arg(vm.path("mem.raw")).arg("--state").arg(vm.path("state.bin"));
+            cmd.arg("--mem-file")
+                .arg(vm.path("mem.raw"))
+                .arg("--state")
+                .arg(vm.path("state.bin"));
         }
         Method::Ckptfs(policy) => {
             let m = Mount::new(tools, vm, policy, false)?;
-            cmd.arg("--mem-file").arg(m.point.join("memory")).arg("--state").arg(m.point.join("vmm-state"));
+            cmd.arg("--mem-file")
+                .arg(m.point.join("memory"))
+                .arg("--state")
+                .arg(m.point.join("vmm-state"));
             if policy == "all" {
                 watcher = Some(watch_background(m.point.join("stats"), start, stop.clone()));
             }
@@ -273,7 +337,9 @@ pub fn restore(tools: &Tools, vm: &Vm, method: Method, rep: usize, duration_s: f
     let mut times = read_timeline(&timeline, launched)?;
     times.sort_unstable();
     let resident_ms = match method {
-        Method::EagerRaw | Method::EagerOptimized => report["memory_ms"].as_f64().map(|m| m + launched as f64 / 1e6),
+        Method::EagerRaw | Method::EagerOptimized => report["memory_ms"]
+            .as_f64()
+            .map(|m| m + launched as f64 / 1e6),
         Method::Warm => Some(0.0),
         _ => background_ms,
     };
@@ -293,10 +359,12 @@ pub fn restore(tools: &Tools, vm: &Vm, method: Method, rep: usize, duration_s: f
 
 /// WORK completion times from a vmm-lite timeline, shifted by `offset` ns.
 fn read_timeline(path: &Path, offset: u64) -> Result<Vec<u64>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("timeline {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("timeline {}", path.display()))?;
     let mut times = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("timeline {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("timeline {}", path.display()))?;
         if v["kind"] == "work" {
             times.push(v["t_ns"].as_u64().context("timeline entry without t_ns")? + offset);
         }
@@ -312,11 +380,17 @@ pub fn record_workingset(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> 
     let m = Mount::new(tools, vm, "none", true)?;
     let mut cmd = Command::new(&tools.vmm);
     cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
-    cmd.arg("--mem-file").arg(m.point.join("memory")).arg("--state").arg(m.point.join("vmm-state"));
+    cmd.arg("--mem-file")
+        .arg(m.point.join("memory"))
+        .arg("--state")
+        .arg(m.point.join("vmm-state"));
     cmd.args(["--duration", &duration_s.to_string()]);
     run_json(&mut cmd)?;
     drop(m);
-    ensure!(vm.path("vm.ckpt.ws").exists(), "recording mount wrote no working set");
+    ensure!(
+        vm.path("vm.ckpt.ws").exists(),
+        "recording mount wrote no working set"
+    );
     Ok(())
 }
 
@@ -328,8 +402,11 @@ pub fn score(results: &mut [Measured]) {
         .map(|m| (m.rep, ttr::warm_rate(&m.times, ttr::WINDOW_NS)))
         .collect();
     for m in results.iter_mut() {
-        let Some(&(_, rate)) = warm.iter().find(|(r, _)| *r == m.rep) else { continue };
-        m.ttr_ms = ttr::ttr(&m.times, rate, ttr::WINDOW_NS, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
+        let Some(&(_, rate)) = warm.iter().find(|(r, _)| *r == m.rep) else {
+            continue;
+        };
+        m.ttr_ms =
+            ttr::ttr(&m.times, rate, ttr::WINDOW_NS, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
     }
 }
 

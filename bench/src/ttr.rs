@@ -16,7 +16,9 @@ pub const STEP_NS: u64 = 1_000_000;
 /// Requests completed in each window of `w` starting at multiples of `w`
 /// (what the plots show). `times` must be sorted.
 pub fn per_window(times: &[u64], w: u64) -> Vec<u64> {
-    let Some(&last) = times.last() else { return Vec::new() };
+    let Some(&last) = times.last() else {
+        return Vec::new();
+    };
     let mut counts = vec![0u64; (last / w + 1) as usize];
     for &t in times {
         counts[(t / w) as usize] += 1;
@@ -78,7 +80,10 @@ mod tests {
 
     /// One request every `gap` ns in [from, to).
     fn steady(from: u64, to: u64, gap: u64) -> Vec<u64> {
-        (0..).map(|i| from + i * gap).take_while(|&t| t < to).collect()
+        (0..)
+            .map(|i| from + i * gap)
+            .take_while(|&t| t < to)
+            .collect()
     }
 
     #[test]
