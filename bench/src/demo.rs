@@ -1,6 +1,6 @@
 //! `bench demo`: the README's main job on a built-in default.
 //!
-//! Builds a small demo disk, runs the mixed guest in vmm-lite, checkpoints it,
+//! Builds a small demo disk, runs the guest (mixed by default) in vmm-lite, checkpoints it,
 //! verifies the checkpoint against the raw dump, mounts it, restores it lazily
 //! (ckptfs) and eagerly (raw and space-optimized), checks every restored VM's
 //! state against the checkpointed one, and prints a short table.
@@ -14,10 +14,10 @@ use ckptfs::{Checkpoint, MemoryImage};
 use crate::restore::{self, Measured, Method, Tools};
 
 /// Run the demo with a `mib` MiB guest in `dir`.
-pub fn run(dir: &Path, mib: u64, duration: f64, json: bool) -> Result<()> {
+pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> Result<()> {
     let started = Instant::now();
     let tools = Tools::find()?;
-    let vm = restore::prepare(&tools, dir, "mixed", mib)?;
+    let vm = restore::prepare(&tools, dir, workload, mib)?;
     let ck = Checkpoint::open(&vm.dir.join("vm.ckpt")).context("opening the demo checkpoint")?;
     let raw = MemoryImage::open(&vm.dir.join("mem.raw"))?;
     let report = ckptfs::verify::verify(&ck, Some(raw.bytes()), |_| {});
@@ -49,7 +49,7 @@ pub fn run(dir: &Path, mib: u64, duration: f64, json: bool) -> Result<()> {
             serde_json::json!({ "checkpoint": ins, "restores": runs, "state_identical": all_ok });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_table(&ins, &runs, mib);
+        print_table(&ins, &runs, workload, mib);
     }
     eprintln!("demo: done in {:.0} s", started.elapsed().as_secs_f64());
     ensure!(
@@ -59,10 +59,10 @@ pub fn run(dir: &Path, mib: u64, duration: f64, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_table(ins: &ckptfs::verify::Inspection, runs: &[Measured], mib: u64) {
+fn print_table(ins: &ckptfs::verify::Inspection, runs: &[Measured], workload: &str, mib: u64) {
     let pct = |n: u64| 100.0 * n as f64 / ins.pages.max(1) as f64;
     println!();
-    println!("mixed guest, {mib} MiB RAM, checkpointed by vmm-lite with I/O tracking:");
+    println!("{workload} guest, {mib} MiB RAM, checkpointed by vmm-lite with I/O tracking:");
     println!(
         "  pages: {:.1}% zero, {:.1}% disk references, {:.1}% stored ({} distinct)",
         pct(ins.zero_pages),

@@ -66,6 +66,9 @@ enum Command {
         /// Seconds each restored VM serves requests.
         #[arg(long, default_value_t = 2.0)]
         duration: f64,
+        /// Guest workload: mixed, pagecache or anon.
+        #[arg(long, default_value = "mixed")]
+        workload: String,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
@@ -145,11 +148,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo {
             guest_mib,
             duration,
+            workload,
             json,
             dir,
         } => {
             let (_keep, dir) = work_dir(dir)?;
-            demo::run(&dir, guest_mib, duration, json)?;
+            demo::run(&dir, &workload, guest_mib, duration, json)?;
         }
     }
     Ok(())
