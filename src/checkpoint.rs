@@ -8,7 +8,6 @@
 //! blocks into one pread, and checks every page against its CRC32, so it never
 //! returns wrong bytes.
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -199,15 +198,7 @@ impl Checkpoint {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
-        let file_len = meta.len();
+        let (file, file_len) = crate::disk::open_regular(path).map_err(io_err)?;
         if file_len < format::HEADER_LEN as u64 {
             return Err(fmt_err(FormatError::TooShort { len: file_len }));
         }

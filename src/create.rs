@@ -557,21 +557,14 @@ impl MemoryImage {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
-        if meta.len() % PAGE_SIZE_U64 != 0 {
+        let (file, len) = crate::disk::open_regular(path).map_err(io_err)?;
+        if len % PAGE_SIZE_U64 != 0 {
             return Err(MemoryImageError::Size {
                 path: path.to_owned(),
-                size: meta.len(),
+                size: len,
             });
         }
-        if meta.len() == 0 {
+        if len == 0 {
             return Ok(MemoryImage {
                 map: None,
                 holes: Vec::new(),
@@ -582,7 +575,7 @@ impl MemoryImage {
         let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
         // One front-to-back pass: let the kernel read ahead and drop behind.
         let _ = map.advise(memmap2::Advice::Sequential);
-        let holes = find_holes(&file, meta.len()).map_err(io_err)?;
+        let holes = find_holes(&file, len).map_err(io_err)?;
         Ok(MemoryImage {
             map: Some(map),
             holes,

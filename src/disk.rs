@@ -79,15 +79,7 @@ impl DiskImage {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
-        let size = meta.len();
+        let (file, size) = open_regular(path).map_err(io_err)?;
         let mut head = [0u8; 64];
         let n = read_up_to(&file, &mut head, 0).map_err(io_err)?;
         if let Some(format) = detect_container(&head[..n]) {
@@ -130,6 +122,20 @@ impl DiskImage {
         }
         Ok(())
     }
+}
+
+/// Open `path` read-only and return it with its size; anything but a regular
+/// file (a directory, a device) is refused.
+pub fn open_regular(path: &Path) -> io::Result<(File, u64)> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta.len()))
 }
 
 fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
