@@ -1,5 +1,5 @@
 //! Fixtures shared by the integration tests, built on `ckptfs::synth`.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 
