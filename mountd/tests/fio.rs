@@ -97,6 +97,6 @@ fn mount_helper_translates_mount_options() {
     };
     let s = m.stats();
     assert_eq!(s["prefetch_policy"], "readahead");
-    assert_eq!(s["cache"]["capacity_chunks"], 64);
+    assert_eq!(s["cache"]["capacity_chunks"], 256);
     assert!(std::fs::read(env.memory()).unwrap() == env.original());
 }

@@ -388,7 +388,7 @@ fn fusermount_unmount_makes_the_daemon_exit() {
 fn working_set_is_recorded_then_replayed_first() {
     let env = Env::new();
     let ws = env.dir.path().join("vm.ckpt.ws");
-    let chunk = 256 * 1024u64;
+    let chunk = mountd::options::DEFAULT_CHUNK_KB * 1024;
     let touched = [7u64, 3, 100, 64];
     {
         let log = env.dir.path().join("record.log");
