@@ -230,8 +230,8 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     if !s.mountpoint.is_dir() {
         bail!("mount point {} is not a directory", s.mountpoint.display());
     }
-    let ckpt = Checkpoint::open(&s.checkpoint)
-        .with_context(|| format!("cannot use checkpoint {}", s.checkpoint.display()))?;
+    // The library's errors name the checkpoint or disk image themselves.
+    let ckpt = Checkpoint::open(&s.checkpoint)?;
     let mtime = fs::metadata(&s.checkpoint).and_then(|m| m.modified())?;
     let vmm_state = ckpt.vmm_state().to_vec();
     let reader: Arc<dyn PageReader> = Arc::new(ckpt);

@@ -462,4 +462,23 @@ fn bad_checkpoint_is_refused_with_one_clear_line() {
         );
         assert!(!is_mounted(&env.mnt));
     }
+    // A missing disk image, and a missing mount point.
+    let moved = env.dir.path().join("elsewhere.img");
+    fs::rename(&env.fx.disk, &moved).unwrap();
+    let refused = |mnt: &Path| {
+        let out = Command::new(common::mountd_bin())
+            .arg(&env.fx.ckpt)
+            .arg(mnt)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&env.mnt);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("disk.img"), "names the disk image: {err}");
+    fs::rename(&moved, &env.fx.disk).unwrap();
+    let err = refused(&env.dir.path().join("no-such-dir"));
+    assert!(err.contains("no-such-dir"), "names the mount point: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
