@@ -221,7 +221,9 @@ impl Cli {
             .iter()
             .any(|m| matches!(m, MountOption::FSName(_)))
         {
-            mount_options.push(MountOption::FSName(self.checkpoint.display().to_string()));
+            // Mount options are comma-separated: keep a comma in the path out of them.
+            let name = self.checkpoint.display().to_string().replace(',', "_");
+            mount_options.push(MountOption::FSName(name));
         }
         // Kernel-side subtype: /proc/mounts shows "fuse.ckptfs".
         mount_options.push(MountOption::CUSTOM("subtype=ckptfs".into()));

@@ -403,6 +403,57 @@ mod tests {
         assert_eq!(disk_order(&e), vec![2, 0, 1, 3]);
     }
 
+    /// Records notify-store calls.
+    #[derive(Default)]
+    struct FakeKernel(Mutex<Vec<(u64, usize)>>);
+
+    impl crate::engine::KernelCache for Arc<FakeKernel> {
+        fn store(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            lock(&self.0).push((offset, data.len()));
+            Ok(())
+        }
+        fn invalidate(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn background_sweep_waits_for_a_lookup_then_stores_every_chunk() {
+        let r = MemReader::new(vec![1u8; 4 * CHUNK as usize]);
+        let cfg = EngineConfig {
+            chunk_bytes: CHUNK as usize,
+            cache_bytes: CHUNK, // smaller than the guest: stores are not bounded by it
+            policy: Policy::All,
+            notify_store: true,
+            record: false,
+            checkpoint_name: "t".into(),
+        };
+        let e = Arc::new(Engine::new(Arc::new(r), cfg));
+        let kernel = Arc::new(FakeKernel::default());
+        e.set_kernel_cache(Box::new(kernel.clone()));
+        let p = Prefetcher::start(e.clone(), Vec::new()).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            lock(&kernel.0).is_empty(),
+            "no store before the inode is looked up"
+        );
+        e.memory_looked_up(1);
+        let t0 = Instant::now();
+        while !e.background_complete.load(Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "sweep did not finish"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        p.stop(&e);
+        let mut stored = lock(&kernel.0).clone();
+        stored.sort();
+        let want: Vec<(u64, usize)> = (0..4).map(|c| (c * CHUNK, CHUNK as usize)).collect();
+        assert_eq!(stored, want);
+        assert_eq!(e.snapshot().prefetch.stored_in_kernel_bytes, 4 * CHUNK);
+    }
+
     #[test]
     fn background_sweep_fetches_everything_and_completes() {
         let r = MemReader::new(vec![1u8; 8 * CHUNK as usize]);
