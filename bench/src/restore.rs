@@ -216,6 +216,8 @@ pub struct Measured {
 
 struct Mount {
     point: PathBuf,
+    /// The detached daemon's pid (from its stats file).
+    pid: Option<u64>,
 }
 
 impl Mount {
@@ -230,7 +232,11 @@ impl Mount {
             cmd.arg("--record-workingset");
         }
         run_status(&mut cmd)?;
-        Ok(Mount { point })
+        let pid = std::fs::read_to_string(point.join("stats"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["pid"].as_u64());
+        Ok(Mount { point, pid })
     }
 }
 
@@ -240,17 +246,27 @@ impl Drop for Mount {
             .arg("-u")
             .arg(&self.point)
             .status();
-        // Wait for the daemon to let go (it writes the working set on exit).
-        for _ in 0..100 {
-            let mounted = std::fs::read_to_string("/proc/mounts")
-                .map(|m| m.contains(&*self.point.to_string_lossy()))
-                .unwrap_or(false);
-            if !mounted {
-                break;
+        // Wait for the daemon to exit: it writes the recorded working set after
+        // the unmount, so the mount disappearing is not enough.
+        // A zombie (state Z) has exited too; its parent may be slow to reap it.
+        let gone = |pid: u64| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+                })
+                .unwrap_or(true)
+        };
+        for _ in 0..500 {
+            if self.pid.is_none_or(gone) {
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        eprintln!(
+            "bench: ckptfs-mountd on {} did not exit within 10 s",
+            self.point.display()
+        );
     }
 }
 
