@@ -14,6 +14,11 @@ fn ckptfs(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `ckptfs create --mem MEM --disk DISK -o OUT`.
+fn create(mem: &Path, disk: &Path, out: &Path) -> Output {
+    ckptfs(&["create", "--mem", s(mem), "--disk", s(disk), "-o", s(out)])
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -88,15 +93,7 @@ fn missing_inputs_are_named() {
     let missing = f.dir.path().join("nope.img");
     let out = ckptfs(&["create", "--mem", s(&missing), "-o", s(&f.ckpt)]);
     assert_one_line_error(&out, "nope.img", "No such file");
-    let out = ckptfs(&[
-        "create",
-        "--mem",
-        s(&f.mem_path),
-        "--disk",
-        s(&missing),
-        "-o",
-        s(&f.ckpt),
-    ]);
+    let out = create(&f.mem_path, &missing, &f.ckpt);
     assert_one_line_error(&out, "nope.img", "No such file");
     let out = ckptfs(&["inspect", s(&missing)]);
     assert_one_line_error(&out, "nope.img", "No such file");
@@ -107,15 +104,7 @@ fn missing_inputs_are_named() {
 fn odd_sized_memory_dump_is_refused() {
     let f = fixture(16, 16, 1);
     std::fs::write(&f.mem_path, vec![1u8; 4097]).unwrap();
-    let out = ckptfs(&[
-        "create",
-        "--mem",
-        s(&f.mem_path),
-        "--disk",
-        s(&f.disk),
-        "-o",
-        s(&f.ckpt),
-    ]);
+    let out = create(&f.mem_path, &f.disk, &f.ckpt);
     assert_one_line_error(&out, "mem.raw", "not a multiple of 4096");
 }
 
@@ -126,15 +115,7 @@ fn qcow2_disk_gets_conversion_hint() {
     let mut data = b"QFI\xfb\0\0\0\x03".to_vec();
     data.resize(1 << 16, 0);
     std::fs::write(&q, data).unwrap();
-    let out = ckptfs(&[
-        "create",
-        "--mem",
-        s(&f.mem_path),
-        "--disk",
-        s(&q),
-        "-o",
-        s(&f.ckpt),
-    ]);
+    let out = create(&f.mem_path, &q, &f.ckpt);
     assert_one_line_error(&out, "disk.qcow2", "qemu-img convert -O raw");
 }
 
@@ -142,25 +123,9 @@ fn qcow2_disk_gets_conversion_hint() {
 fn output_over_an_input_is_refused() {
     let f = fixture(16, 16, 1);
     let before = hash(&f.mem_path);
-    let out = ckptfs(&[
-        "create",
-        "--mem",
-        s(&f.mem_path),
-        "--disk",
-        s(&f.disk),
-        "-o",
-        s(&f.mem_path),
-    ]);
+    let out = create(&f.mem_path, &f.disk, &f.mem_path);
     assert_one_line_error(&out, "mem.raw", "refusing to overwrite");
-    let out = ckptfs(&[
-        "create",
-        "--mem",
-        s(&f.mem_path),
-        "--disk",
-        s(&f.disk),
-        "-o",
-        s(&f.disk),
-    ]);
+    let out = create(&f.mem_path, &f.disk, &f.disk);
     assert_one_line_error(&out, "disk.img", "refusing to overwrite");
     assert_eq!(hash(&f.mem_path), before);
 }
