@@ -389,17 +389,15 @@ impl Checkpoint {
         let mut run = 1;
         while run < max {
             let next = PageIndex(page.0 + run);
-            let (loc, _) = format::decode_entry(self.raw_entry(next.0), next.0).map_err(|e| {
-                ReadError::BadEntry {
-                    page: next,
-                    what: e.to_string(),
-                }
-            })?;
-            if loc != Location::Disk(disk, DiskOffset(offset.0 + run * PAGE_SIZE_U64)) {
+            // try_entry decodes and bounds-checks the entry; an invalid one fails the
+            // read here, as it would when the main loop reached it.
+            let want = PageSource::Disk {
+                disk,
+                offset: DiskOffset(offset.0 + run * PAGE_SIZE_U64),
+            };
+            if self.try_entry(next)?.source != want {
                 break;
             }
-            // Bounds of the extended run are checked by try_entry on its last page.
-            self.try_entry(next)?;
             run += 1;
         }
         Ok(run)
