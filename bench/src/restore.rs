@@ -290,6 +290,14 @@ fn watch_background(
     })
 }
 
+/// `vmm-lite restore` of `vm`'s disk, serving requests for `duration_s` seconds.
+fn restore_cmd(tools: &Tools, vm: &Vm, duration_s: f64) -> Command {
+    let mut cmd = Command::new(&tools.vmm);
+    cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
+    cmd.args(["--duration", &duration_s.to_string()]);
+    cmd
+}
+
 /// Restore `vm` with `method` and measure it.
 pub fn restore(
     tools: &Tools,
@@ -307,11 +315,8 @@ pub fn restore(
     let timeline = vm.path("timeline.jsonl");
     let pgpgin = pgpgin_kib();
     let start = Instant::now();
-    let mut cmd = Command::new(&tools.vmm);
-    cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
-    cmd.args(["--duration", &duration_s.to_string()])
-        .arg("--timeline")
-        .arg(&timeline);
+    let mut cmd = restore_cmd(tools, vm, duration_s);
+    cmd.arg("--timeline").arg(&timeline);
     let mut mount = None;
     let mut watcher = None;
     let stop = Arc::new(AtomicBool::new(false));
@@ -394,13 +399,11 @@ fn read_timeline(path: &Path, offset: u64) -> Result<Vec<u64>> {
 /// Record the working set: one restore through a recording mount.
 pub fn record_workingset(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> {
     let m = Mount::new(tools, vm, "none", true)?;
-    let mut cmd = Command::new(&tools.vmm);
-    cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
+    let mut cmd = restore_cmd(tools, vm, duration_s);
     cmd.arg("--mem-file")
         .arg(m.point.join("memory"))
         .arg("--state")
         .arg(m.point.join("vmm-state"));
-    cmd.args(["--duration", &duration_s.to_string()]);
     run_json(&mut cmd)?;
     drop(m);
     ensure!(
