@@ -353,6 +353,18 @@ mod tests {
 
     const CHUNK: u64 = 64 * 1024;
 
+    /// Wait (at most 10 s) for the background sweep to report completion.
+    fn wait_for_sweep(e: &Engine) {
+        let t0 = Instant::now();
+        while !e.background_complete.load(Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "sweep did not finish"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn stream_needs_two_reads_then_reads_ahead() {
         let mut t = StreamTable::default();
@@ -438,14 +450,7 @@ mod tests {
             "no store before the inode is looked up"
         );
         e.memory_looked_up(1);
-        let t0 = Instant::now();
-        while !e.background_complete.load(Ordering::Acquire) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "sweep did not finish"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_sweep(&e);
         p.stop(&e);
         let mut stored = lock(&kernel.0).clone();
         stored.sort();
@@ -467,14 +472,7 @@ mod tests {
         };
         let e = Arc::new(Engine::new(Arc::new(r), cfg));
         let p = Prefetcher::start(e.clone(), vec![5, 1]).unwrap();
-        let t0 = Instant::now();
-        while !e.background_complete.load(Ordering::Acquire) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "sweep did not finish"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_sweep(&e);
         p.stop(&e);
         let snap = e.snapshot();
         assert_eq!(snap.pages.fetched, snap.pages.total);
