@@ -312,6 +312,14 @@ impl Checkpoint {
         self.try_entry(page).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A 64-bit identity of this checkpoint's content: the xxh3 of its header,
+    /// which carries the CRCs of the disk table, the page table (and with it
+    /// every page's CRC) and the VMM state. Files derived from a checkpoint
+    /// (loading sets) record it and are refused by any other checkpoint.
+    pub fn identity(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&self.map[..format::HEADER_LEN])
+    }
+
     /// The opaque VMM-state section (empty if the checkpoint has none).
     pub fn vmm_state(&self) -> &[u8] {
         let h = &self.header;

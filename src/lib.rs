@@ -47,6 +47,7 @@ pub mod checkpoint;
 pub mod create;
 pub mod disk;
 pub mod format;
+pub mod source;
 pub mod synth;
 pub mod types;
 pub mod verify;
@@ -55,4 +56,5 @@ pub use checkpoint::{
     Checkpoint, OpenError, OpenOptions, PageEntry, PageSource, ReadCounts, ReadError,
 };
 pub use create::{CreateError, CreateOptions, DiskHint, MemoryImage, Summary, create};
+pub use source::{MemReader, PageReader};
 pub use types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex};

@@ -21,8 +21,8 @@ use crate::engine::{Engine, EngineConfig};
 use crate::fs::{CkptFs, NotifierCache};
 use crate::options::Settings;
 use crate::prefetch::Prefetcher;
-use crate::source::PageReader;
 use crate::workingset::{self, WorkingSetError};
+use ckptfs::PageReader;
 
 /// Write end of the readiness pipe held by a detached child.
 pub struct Ready(fs::File);

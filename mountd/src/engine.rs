@@ -18,9 +18,9 @@ use log::{debug, error};
 
 use crate::cache::{AtomicBitmap, Chunk, ChunkCache, lock};
 use crate::prefetch::{Policy, PrefetchQueue, StreamTable};
-use crate::source::PageReader;
 use crate::stats::{self, Stats};
 use crate::workingset::Run;
+use ckptfs::PageReader;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Reads up to this size feed the stream detector (FUSE's default readahead).
@@ -473,7 +473,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::fixture::Rng;
-    use crate::source::MemReader;
+    use ckptfs::MemReader;
 
     const CHUNK: usize = 64 * 1024;
 

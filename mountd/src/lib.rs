@@ -24,6 +24,5 @@ pub mod fixture;
 pub mod fs;
 pub mod options;
 pub mod prefetch;
-pub mod source;
 pub mod stats;
 pub mod workingset;

@@ -349,7 +349,7 @@ pub fn disk_order(engine: &Engine) -> Vec<u64> {
 mod tests {
     use super::*;
     use crate::engine::EngineConfig;
-    use crate::source::MemReader;
+    use ckptfs::MemReader;
 
     const CHUNK: u64 = 64 * 1024;
 
