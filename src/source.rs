@@ -7,6 +7,7 @@
 //! split).
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use crate::checkpoint::{Checkpoint, PageEntry, PageSource, ReadCounts, ReadError};
 use crate::types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
@@ -165,6 +166,67 @@ impl PageReader for MemReader {
     }
 }
 
+/// The runs of ZERO pages of `src`, as sorted page ranges (FaaSnap maps these
+/// anonymous so the guest never faults them through the file).
+pub fn zero_ranges(src: &dyn PageReader) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for p in 0..src.page_count() {
+        if !src.is_zero(PageIndex(p)) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(r) if r.end == p => r.end = p + 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
+}
+
+/// Zero ranges as text: one line `FIRST_PAGE PAGE_COUNT` per run (the
+/// `zero-ranges` file of a mount).
+pub fn format_zero_ranges(ranges: &[Range<u64>]) -> String {
+    let mut s = String::with_capacity(ranges.len() * 16);
+    for r in ranges {
+        s.push_str(&format!("{} {}\n", r.start, r.end - r.start));
+    }
+    s
+}
+
+/// Why a zero-ranges text was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line}: {what}")]
+pub struct ZeroRangesError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub what: &'static str,
+}
+
+/// Parse [`format_zero_ranges`] text for a guest of `page_count` pages: ranges
+/// must be non-empty, sorted, disjoint and inside guest memory.
+pub fn parse_zero_ranges(text: &str, page_count: u64) -> Result<Vec<Range<u64>>, ZeroRangesError> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let err = |what| ZeroRangesError { line: i + 1, what };
+        let mut f = l.split_ascii_whitespace();
+        let (Some(a), Some(n), None) = (f.next(), f.next(), f.next()) else {
+            return Err(err("expected two numbers"));
+        };
+        let (Ok(a), Ok(n)) = (a.parse::<u64>(), n.parse::<u64>()) else {
+            return Err(err("expected two numbers"));
+        };
+        let end = a.checked_add(n).ok_or(err("range overflows"))?;
+        if n == 0 || end > page_count {
+            return Err(err("range is empty or outside guest memory"));
+        }
+        if out.last().is_some_and(|r| r.end > a) {
+            return Err(err("ranges overlap or are not sorted"));
+        }
+        out.push(a..end);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +247,29 @@ mod tests {
         assert!(r.entry(PageIndex(3)).is_err());
         let e = r.entry(PageIndex(1)).unwrap();
         assert_eq!(e.crc, crc32fast::hash(&[5u8; PAGE_SIZE]));
+    }
+
+    #[test]
+    fn zero_ranges_round_trip_through_text() {
+        let mut data = vec![0u8; 6 * PAGE_SIZE];
+        data[2 * PAGE_SIZE] = 1;
+        data[5 * PAGE_SIZE] = 1;
+        let r = MemReader::new(data);
+        let ranges = zero_ranges(&r);
+        assert_eq!(ranges, vec![0..2, 3..5]);
+        let text = format_zero_ranges(&ranges);
+        assert_eq!(text, "0 2\n3 2\n");
+        assert_eq!(parse_zero_ranges(&text, 6).unwrap(), ranges);
+    }
+
+    #[test]
+    fn bad_zero_ranges_are_refused_with_their_line() {
+        assert_eq!(parse_zero_ranges("0 2\n1 1\n", 8).unwrap_err().line, 2);
+        assert!(parse_zero_ranges("7 2\n", 8).is_err());
+        assert!(parse_zero_ranges("3 0\n", 8).is_err());
+        assert!(parse_zero_ranges("x 1\n", 8).is_err());
+        assert!(parse_zero_ranges("18446744073709551615 2\n", 8).is_err());
+        assert!(parse_zero_ranges("", 8).unwrap().is_empty());
     }
 
     #[test]
