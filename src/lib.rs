@@ -43,6 +43,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod create;
 pub mod disk;
