@@ -48,6 +48,7 @@ pub mod checkpoint;
 pub mod create;
 pub mod disk;
 pub mod format;
+pub mod loadset;
 pub mod source;
 pub mod synth;
 pub mod types;
