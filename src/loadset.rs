@@ -596,7 +596,7 @@ mod tests {
     fn guest() -> MemReader {
         let mut data = vec![0u8; 16 * PAGE_SIZE];
         for (i, b) in data.iter_mut().enumerate() {
-            if (i / PAGE_SIZE) % 4 != 0 {
+            if !(i / PAGE_SIZE).is_multiple_of(4) {
                 *b = (i * 7 / 3) as u8;
             }
         }
