@@ -400,6 +400,11 @@ impl LoadingSet {
             what,
         };
         let (file, len) = crate::disk::open_regular(path).map_err(io_err)?;
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        }
         let mut hb = [0u8; HEADER_LEN];
         let n = read_up_to(&file, &mut hb, 0).map_err(io_err)?;
         let header = Header::decode(&hb[..n], len).map_err(bad)?;
@@ -546,9 +551,25 @@ impl BlockReader<'_> {
                 source,
             })?;
         self.crc.update(&block.data);
+        drop_behind(&set.file, self.at, block.data.len() as u64);
         self.at += block.data.len() as u64;
         Ok(Some(block))
     }
+}
+
+/// The file is read once: drop what was just read from the page cache, so a
+/// loading set does not occupy memory twice (its own cache and `memory`'s).
+fn drop_behind(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
 }
 
 fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -28,8 +28,8 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
     );
     let ins = ckptfs::verify::inspect(&ck);
     drop((ck, raw));
-    eprintln!("demo: checkpoint verified; recording the working set");
-    restore::record_workingset(&tools, &vm, duration)?;
+    eprintln!("demo: checkpoint verified; recording the loading set");
+    restore::record_loading_set(&tools, &vm, duration)?;
     let methods = [
         Method::EagerRaw,
         Method::EagerOptimized,

@@ -40,7 +40,7 @@ pub fn run(m: &Matrix, dir: &Path, out: &Path) -> Result<()> {
     for &mib in &m.sizes {
         for workload in &m.workloads {
             let vm = restore::prepare(&tools, dir, workload, mib)?;
-            restore::record_workingset(&tools, &vm, m.duration)?;
+            restore::record_loading_set(&tools, &vm, m.duration)?;
             let mut runs: Vec<Measured> = Vec::new();
             for rep in 0..m.reps {
                 for &method in &methods {

@@ -46,7 +46,7 @@ impl Method {
     /// Every method, the baselines first.
     pub fn all() -> Vec<Method> {
         let mut m = vec![Method::EagerRaw, Method::EagerOptimized, Method::LazyRaw];
-        m.extend(["none", "readahead", "workingset", "all"].map(Method::Ckptfs));
+        m.extend(["none", "all"].map(Method::Ckptfs));
         m.push(Method::Warm);
         m
     }
@@ -221,15 +221,26 @@ struct Mount {
 }
 
 impl Mount {
-    fn new(tools: &Tools, vm: &Vm, policy: &str, record: bool) -> Result<Self> {
+    /// Mount `vm`'s checkpoint; `record` = the recording window in seconds.
+    fn new(tools: &Tools, vm: &Vm, policy: &str, record: Option<f64>) -> Result<Self> {
         let point = vm.path("mnt");
         std::fs::create_dir_all(&point)?;
         let mut cmd = Command::new(&tools.mountd);
         cmd.arg(vm.path("vm.ckpt"))
             .arg(&point)
             .args(["--prefetch", policy]);
-        if record {
-            cmd.arg("--record-workingset");
+        match (record, policy) {
+            (Some(window), _) => {
+                cmd.arg("--record-loading-set")
+                    .arg("--loading-set-window")
+                    .arg(window.to_string());
+            }
+            (None, "none") => {
+                cmd.arg("--no-loading-set");
+            }
+            (None, _) => {
+                cmd.arg("--wait-loading-set");
+            }
         }
         run_status(&mut cmd)?;
         let pid = std::fs::read_to_string(point.join("stats"))
@@ -338,7 +349,7 @@ pub fn restore(
                 .arg(vm.path("state.bin"));
         }
         Method::Ckptfs(policy) => {
-            let m = Mount::new(tools, vm, policy, false)?;
+            let m = Mount::new(tools, vm, policy, None)?;
             cmd.arg("--mem-file")
                 .arg(m.point.join("memory"))
                 .arg("--state")
@@ -396,9 +407,10 @@ fn read_timeline(path: &Path, offset: u64) -> Result<Vec<u64>> {
     Ok(times)
 }
 
-/// Record the working set: one restore through a recording mount.
-pub fn record_workingset(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> {
-    let m = Mount::new(tools, vm, "none", true)?;
+/// Record the loading set: one restore through a recording mount.
+pub fn record_loading_set(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> {
+    // The guest's final CHECK reads all of memory: keep it out of the window.
+    let m = Mount::new(tools, vm, "none", Some(duration_s * 0.8))?;
     let mut cmd = restore_cmd(tools, vm, duration_s);
     cmd.arg("--mem-file")
         .arg(m.point.join("memory"))
@@ -407,8 +419,8 @@ pub fn record_workingset(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> 
     run_json(&mut cmd)?;
     drop(m);
     ensure!(
-        vm.path("vm.ckpt.ws").exists(),
-        "recording mount wrote no working set"
+        vm.path("vm.ckpt.ls").exists(),
+        "recording mount wrote no loading set"
     );
     Ok(())
 }

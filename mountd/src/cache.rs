@@ -5,7 +5,7 @@
 //! out of a chunk after dropping the lock, and no I/O ever happens under it.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -105,59 +105,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A fixed-size set of bits that threads set concurrently (one bit per chunk).
-#[derive(Debug)]
-pub struct AtomicBitmap {
-    words: Box<[AtomicU64]>,
-    len: u64,
-}
-
-impl AtomicBitmap {
-    /// `len` clear bits.
-    pub fn new(len: u64) -> Self {
-        let words = len.div_ceil(64) as usize;
-        AtomicBitmap {
-            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            len,
-        }
-    }
-
-    /// Set bit `i`; returns whether it was already set.
-    pub fn test_and_set(&self, i: u64) -> bool {
-        let mask = 1u64 << (i % 64);
-        self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask != 0
-    }
-
-    /// Clear bit `i`; returns whether it was set.
-    pub fn test_and_clear(&self, i: u64) -> bool {
-        let mask = 1u64 << (i % 64);
-        self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
-    }
-
-    /// Whether bit `i` is set.
-    pub fn get(&self, i: u64) -> bool {
-        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
-    }
-
-    /// Number of set bits.
-    pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
-    }
-
-    /// Number of bits.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the bitmap has no bits at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,17 +129,5 @@ mod tests {
         cache.insert(2, cache.take_buffer(), false);
         assert_eq!(held.data[0], 7);
         assert!(lock(&cache.pool).is_empty());
-    }
-
-    #[test]
-    fn bitmap_sets_counts_and_clears() {
-        let bits = AtomicBitmap::new(130);
-        assert!(!bits.test_and_set(129));
-        assert!(bits.test_and_set(129));
-        assert!(!bits.test_and_set(0));
-        assert_eq!(bits.count(), 2);
-        assert!(bits.test_and_clear(0));
-        assert!(!bits.get(0));
-        assert_eq!(bits.count(), 1);
     }
 }

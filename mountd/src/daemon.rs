@@ -14,15 +14,17 @@ use std::sync::Arc;
 use std::thread;
 
 use anyhow::{Context, bail};
-use ckptfs::Checkpoint;
+use ckptfs::{Checkpoint, PageReader};
 use log::{debug, info, warn};
 
-use crate::engine::{Engine, EngineConfig};
-use crate::fs::{CkptFs, NotifierCache};
+use crate::fs::{CkptFs, MEMORY_INO, Ownership};
+use crate::kernel::NotifierCache;
+use crate::loader;
 use crate::options::Settings;
-use crate::prefetch::Prefetcher;
-use crate::workingset::{self, WorkingSetError};
-use ckptfs::PageReader;
+use crate::readpath::ReadPath;
+use crate::record::Recorder;
+use crate::scheduler::{Scheduler, Workers};
+use crate::shared::{Config, Shared};
 
 /// Write end of the readiness pipe held by a detached child.
 pub struct Ready(fs::File);
@@ -176,52 +178,22 @@ fn lazy_unmount(mnt: &Path) {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
-fn load_workingset(s: &Settings, engine: &Engine) -> Vec<u64> {
-    if !s.policy.workingset() || s.record {
-        return Vec::new();
-    }
-    match workingset::load(&s.workingset, engine.guest_size()) {
-        Ok(runs) => {
-            let chunks =
-                workingset::runs_to_chunks(&runs, engine.chunk_pages(), engine.chunk_count());
-            info!(
-                "mountd: working set {}: {} chunks to fetch first",
-                s.workingset.display(),
-                chunks.len()
-            );
-            engine
-                .workingset_loaded
-                .store(chunks.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            chunks
-        }
-        Err(WorkingSetError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
-            debug!("mountd: no working set at {}", s.workingset.display());
-            Vec::new()
-        }
-        Err(e) => {
-            warn!(
-                "mountd: ignoring working set {}: {}",
-                s.workingset.display(),
-                crate::engine::chain(&e)
-            );
-            Vec::new()
-        }
-    }
-}
-
-fn save_workingset(s: &Settings, engine: &Engine) {
-    let runs = engine.recorded_runs();
-    match workingset::save(&s.workingset, engine.guest_size(), &runs) {
-        Ok(()) => info!(
-            "mountd: recorded working set of {} chunks to {}",
-            runs.len(),
-            s.workingset.display()
+/// Write the recorded loading set next to the checkpoint, no more readable
+/// than the checkpoint itself.
+fn save_loading_set(s: &Settings, shared: &Shared) {
+    let (Some(rec), Some(path)) = (&shared.recorder, &s.loading_set) else {
+        return;
+    };
+    let mode = ckptfs::atomic_file::derived_mode(&[&s.checkpoint]);
+    match rec.save(path, &*shared.source, mode) {
+        Ok(w) => info!(
+            "mountd: recorded loading set {}: {} runs, {} pages stored, {} zero pages",
+            path.display(),
+            w.runs,
+            w.data_pages,
+            w.zero_pages
         ),
-        Err(e) => warn!(
-            "mountd: cannot write working set {}: {}",
-            s.workingset.display(),
-            crate::engine::chain(&e)
-        ),
+        Err(e) => warn!("mountd: cannot write the loading set: {}", crate::chain(&e)),
     }
 }
 
@@ -232,22 +204,35 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     }
     // The library's errors name the checkpoint or disk image themselves.
     let ckpt = Checkpoint::open(&s.checkpoint)?;
-    let mtime = fs::metadata(&s.checkpoint).and_then(|m| m.modified())?;
+    let owner = Ownership::of(&fs::metadata(&s.checkpoint)?);
     let vmm_state = ckpt.vmm_state().to_vec();
-    let reader: Arc<dyn PageReader> = Arc::new(ckpt);
-    let engine = Arc::new(Engine::new(
-        reader,
-        EngineConfig {
-            chunk_bytes: s.chunk_bytes,
-            cache_bytes: s.cache_bytes,
-            policy: s.policy,
-            notify_store: s.notify_store,
-            record: s.record,
-            checkpoint_name: s.checkpoint.display().to_string(),
+    let source: Arc<dyn PageReader> = Arc::new(ckpt);
+    let recorder = s
+        .record
+        .then(|| Recorder::new(source.page_count(), s.window));
+    let config = Config {
+        chunk_bytes: s.chunk_bytes,
+        cache_bytes: s.cache_bytes,
+        policy: if s.record {
+            crate::options::Policy::None
+        } else {
+            s.policy
         },
-    ));
-    let ws = load_workingset(s, &engine);
-    let fs = CkptFs::new(engine.clone(), vmm_state, mtime);
+        notify_store: s.notify_store,
+        checkpoint_name: s.checkpoint.display().to_string(),
+    };
+    let shared = Arc::new(Shared::new(source, config, recorder));
+    let set = match (&s.loading_set, s.record, s.notify_store) {
+        (Some(path), false, true) => loader::open(&shared, path),
+        (Some(path), false, false) if path.exists() => {
+            warn!("mountd: not using the loading set: it needs notify-store");
+            None
+        }
+        _ => None,
+    };
+    let sched = Arc::new(Scheduler::default());
+    let reads = ReadPath::new(shared.clone(), sched.clone());
+    let fs = CkptFs::new(shared.clone(), reads, vmm_state, owner);
 
     let sigset = block_signals();
     let mut config = fuser::Config::default();
@@ -259,31 +244,61 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     let mut session = fuser::Session::new(fs, &canonical, &config)
         .with_context(|| format!("cannot mount on {}", s.mountpoint.display()))?;
     let dev = mount_dev(&canonical);
-    if let (Some(dev), true) = (dev, s.readahead_kb > 0) {
+    if let Some(dev) = dev {
         set_kernel_readahead(dev, s.readahead_kb);
     }
-    engine.set_kernel_cache(Box::new(NotifierCache(session.notifier())));
+    shared.kernel.set_sink(Box::new(NotifierCache {
+        notifier: session.notifier(),
+        ino: MEMORY_INO,
+    }));
     let unmounter = session.unmount_callable();
     let mnt = s.mountpoint.clone();
     thread::Builder::new()
         .name("ckptfs-signals".into())
         .spawn(move || unmount_on_signals(sigset, unmounter, mnt, dev))?;
-    let prefetcher = Prefetcher::start(engine.clone(), ws)?;
+    let workers = Workers::start(shared.clone(), sched.clone())?;
     info!(
-        "mountd: serving {} ({} MiB) on {}, prefetch {}",
+        "mountd: serving {} ({} MiB) on {}, prefetch {}, read-around {} KiB{}",
         s.checkpoint.display(),
-        engine.guest_size() >> 20,
+        shared.guest_size() >> 20,
         s.mountpoint.display(),
-        s.policy.name()
+        shared.config.policy.name(),
+        s.readahead_kb,
+        if s.record {
+            ", recording the loading set"
+        } else {
+            ""
+        }
     );
-    if let Some(r) = ready {
+    // Readiness: at once, or (--wait-loading-set) once the loading set is in.
+    let (now, later) = match (ready, s.wait_loading_set && set.is_some()) {
+        (Some(r), true) => (None, Some(r)),
+        (r, _) => (r, None),
+    };
+    if let Some(r) = now {
         r.signal();
     }
+    let loader = match set {
+        Some(set) => Some(loader::start(
+            shared.clone(),
+            set,
+            canonical.join("memory"),
+            s.loader_threads,
+            Box::new(move || {
+                if let Some(r) = later {
+                    r.signal();
+                }
+            }),
+        )?),
+        None => None,
+    };
     let res = session.run();
-    prefetcher.stop(&engine);
-    if s.record {
-        save_workingset(s, &engine);
+    sched.shut_down();
+    workers.join();
+    if let Some(l) = loader {
+        let _ = l.join();
     }
+    save_loading_set(s, &shared);
     info!("mountd: unmounted {}", s.mountpoint.display());
     res.context("FUSE session failed")
 }

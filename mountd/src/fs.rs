@@ -22,7 +22,8 @@ use fuser::{
 use log::{debug, info, warn};
 
 use crate::cache::lock;
-use crate::engine::{Engine, KernelCache};
+use crate::readpath::ReadPath;
+use crate::shared::Shared;
 
 /// Inode of `memory`.
 pub const MEMORY_INO: INodeNo = INodeNo(2);
@@ -30,6 +31,8 @@ pub const MEMORY_INO: INodeNo = INodeNo(2);
 pub const STATS_INO: INodeNo = INodeNo(3);
 /// Inode of `vmm-state`.
 pub const VMM_STATE_INO: INodeNo = INodeNo(4);
+/// Inode of `zero-ranges`.
+pub const ZERO_RANGES_INO: INodeNo = INodeNo(5);
 
 /// The largest read the daemon asks the kernel for (FUSE_MAX_PAGES x 4 KiB).
 pub const MAX_READ: usize = 1 << 20;
@@ -42,13 +45,55 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Owner, permission bits and time of the checkpoint file.
+#[derive(Clone, Copy, Debug)]
+pub struct Ownership {
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permission bits of the checkpoint file.
+    pub mode: u16,
+    /// Modification time.
+    pub mtime: SystemTime,
+}
+
+impl Ownership {
+    /// The checkpoint file's.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Ownership {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: (meta.mode() & 0o777) as u16,
+            mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    /// `memory`: read and write bits as the checkpoint's (writes still fail).
+    fn memory_mode(&self) -> u16 {
+        self.mode & 0o666
+    }
+
+    /// Read-only files: the checkpoint's read bits.
+    fn read_only_mode(&self) -> u16 {
+        self.mode & 0o444
+    }
+
+    /// The root directory: searchable by whoever may read the checkpoint.
+    fn dir_mode(&self) -> u16 {
+        let r = self.mode & 0o444;
+        r | (r >> 2)
+    }
+}
+
 /// The mounted filesystem.
 pub struct CkptFs {
-    engine: Arc<Engine>,
+    shared: Arc<Shared>,
+    reads: ReadPath,
     vmm_state: Vec<u8>,
-    uid: u32,
-    gid: u32,
-    mtime: SystemTime,
+    zero_ranges: Vec<u8>,
+    owner: Ownership,
     /// Stats snapshots of open `stats` handles.
     stats_open: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
     next_fh: AtomicU64,
@@ -56,16 +101,17 @@ pub struct CkptFs {
 }
 
 impl CkptFs {
-    /// A filesystem serving `engine`, with `vmm_state` as the `vmm-state` file.
-    pub fn new(engine: Arc<Engine>, vmm_state: Vec<u8>, mtime: SystemTime) -> Self {
-        // SAFETY: getuid/getgid cannot fail and touch no memory.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    /// A filesystem serving `reads` over `shared`, with `vmm_state` as the
+    /// `vmm-state` file, owned as `owner`.
+    pub fn new(shared: Arc<Shared>, reads: ReadPath, vmm_state: Vec<u8>, owner: Ownership) -> Self {
+        let ranges = ckptfs::source::zero_ranges(&*shared.source);
+        let zero_ranges = ckptfs::source::format_zero_ranges(&ranges).into_bytes();
         CkptFs {
-            engine,
+            shared,
+            reads,
             vmm_state,
-            uid,
-            gid,
-            mtime,
+            zero_ranges,
+            owner,
             stats_open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writes_refused: AtomicU64::new(0),
@@ -77,15 +123,15 @@ impl CkptFs {
             ino,
             size,
             blocks: size.div_ceil(512),
-            atime: self.mtime,
-            mtime: self.mtime,
-            ctime: self.mtime,
-            crtime: self.mtime,
+            atime: self.owner.mtime,
+            mtime: self.owner.mtime,
+            ctime: self.owner.mtime,
+            crtime: self.owner.mtime,
             kind,
             perm,
             nlink: if kind == FileType::Directory { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -93,17 +139,32 @@ impl CkptFs {
     }
 
     fn stats_json(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(&self.engine.snapshot()).unwrap_or_default();
+        let mut v = serde_json::to_vec_pretty(&self.shared.snapshot()).unwrap_or_default();
         v.push(b'\n');
         v
     }
 
     /// Attributes of `ino` and how long the kernel may cache them.
     fn lookup_attr(&self, ino: INodeNo) -> Option<(FileAttr, Duration)> {
+        let (ro, dir) = (self.owner.read_only_mode(), self.owner.dir_mode());
         Some(match ino {
-            INodeNo::ROOT => (self.attr(ino, FileType::Directory, 0, 0o755), STATIC_TTL),
+            INodeNo::ROOT => (self.attr(ino, FileType::Directory, 0, dir), STATIC_TTL),
             MEMORY_INO => (
-                self.attr(ino, FileType::RegularFile, self.engine.guest_size(), 0o644),
+                self.attr(
+                    ino,
+                    FileType::RegularFile,
+                    self.shared.guest_size(),
+                    self.owner.memory_mode(),
+                ),
+                STATIC_TTL,
+            ),
+            ZERO_RANGES_INO => (
+                self.attr(
+                    ino,
+                    FileType::RegularFile,
+                    self.zero_ranges.len() as u64,
+                    ro,
+                ),
                 STATIC_TTL,
             ),
             // The stats size changes with every snapshot: never cache it.
@@ -112,17 +173,12 @@ impl CkptFs {
                     ino,
                     FileType::RegularFile,
                     self.stats_json().len() as u64,
-                    0o444,
+                    ro,
                 ),
                 Duration::ZERO,
             ),
             VMM_STATE_INO if !self.vmm_state.is_empty() => (
-                self.attr(
-                    ino,
-                    FileType::RegularFile,
-                    self.vmm_state.len() as u64,
-                    0o444,
-                ),
+                self.attr(ino, FileType::RegularFile, self.vmm_state.len() as u64, ro),
                 STATIC_TTL,
             ),
             _ => return None,
@@ -135,6 +191,7 @@ impl CkptFs {
             (INodeNo::ROOT, FileType::Directory, ".."),
             (MEMORY_INO, FileType::RegularFile, "memory"),
             (STATS_INO, FileType::RegularFile, "stats"),
+            (ZERO_RANGES_INO, FileType::RegularFile, "zero-ranges"),
         ];
         if !self.vmm_state.is_empty() {
             v.push((VMM_STATE_INO, FileType::RegularFile, "vmm-state"));
@@ -145,11 +202,28 @@ impl CkptFs {
     fn read_memory(&self, offset: u64, size: u32, reply: ReplyData) {
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            match self.engine.read(offset, size, &mut buf) {
+            match self.reads.read(offset, size, &mut buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(_) => reply.error(Errno::EIO),
             }
         });
+    }
+
+    /// A refused write may have left modified pages in the kernel page cache
+    /// (a MAP_SHARED mapping opened before direct_io, or a kernel that allows
+    /// one): drop them so readers see the checkpoint's bytes again. Runs on its
+    /// own thread, after the EROFS reply: invalidating from the FUSE thread
+    /// would wait for the very writeback that waits for that reply.
+    fn invalidate_after_refused_write(&self, offset: u64, len: u64) {
+        let shared = self.shared.clone();
+        let start = offset / 4096 * 4096;
+        let end = (offset + len).div_ceil(4096) * 4096;
+        let spawned = std::thread::Builder::new()
+            .name("ckptfs-inval".into())
+            .spawn(move || shared.kernel.invalidate(start, end - start));
+        if let Err(e) = spawned {
+            log::error!("mountd: cannot start invalidation thread: {e}");
+        }
     }
 
     fn refuse_write(&self, what: &str) -> Errno {
@@ -190,7 +264,7 @@ impl Filesystem for CkptFs {
         match found.and_then(|(ino, ..)| self.lookup_attr(ino)) {
             Some((attr, ttl)) => {
                 if attr.ino == MEMORY_INO {
-                    self.engine.memory_looked_up(1);
+                    self.shared.kernel.looked_up(1);
                 }
                 reply.entry(&ttl, &attr, Generation(0));
             }
@@ -200,7 +274,7 @@ impl Filesystem for CkptFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if ino == MEMORY_INO {
-            self.engine.memory_forgotten(nlookup);
+            self.shared.kernel.forgotten(nlookup);
         }
     }
 
@@ -235,12 +309,22 @@ impl Filesystem for CkptFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match ino {
+            // A writable open could map MAP_SHARED and dirty the page cache every
+            // other reader of `memory` sees until writeback fails; with direct_io
+            // the kernel refuses shared mappings of this open (MAP_PRIVATE works).
+            MEMORY_INO if writable => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_DIRECT_IO,
+            ),
             MEMORY_INO => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            VMM_STATE_INO | ZERO_RANGES_INO if writable => reply.error(Errno::EROFS),
             VMM_STATE_INO if !self.vmm_state.is_empty() => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }
+            ZERO_RANGES_INO => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             STATS_INO => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 lock(&self.stats_open).insert(fh, Arc::new(self.stats_json()));
@@ -266,6 +350,7 @@ impl Filesystem for CkptFs {
         match ino {
             MEMORY_INO => self.read_memory(offset, size, reply),
             VMM_STATE_INO => reply.data(slice_at(&self.vmm_state, offset, size)),
+            ZERO_RANGES_INO => reply.data(slice_at(&self.zero_ranges, offset, size)),
             STATS_INO => {
                 let snap = lock(&self.stats_open).get(&fh.0).cloned();
                 let snap = snap.unwrap_or_else(|| Arc::new(self.stats_json()));
@@ -289,8 +374,7 @@ impl Filesystem for CkptFs {
     ) {
         reply.error(self.refuse_write("write"));
         if ino == MEMORY_INO {
-            self.engine
-                .invalidate_after_refused_write(offset, data.len() as u64);
+            self.invalidate_after_refused_write(offset, data.len() as u64);
         }
     }
 
@@ -360,20 +444,5 @@ impl Filesystem for CkptFs {
 
     fn destroy(&mut self) {
         info!("mountd: filesystem destroyed");
-    }
-}
-
-/// Notify-store into the page cache of `memory` through the FUSE session.
-pub struct NotifierCache(pub fuser::Notifier);
-
-impl KernelCache for NotifierCache {
-    fn store(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.store(MEMORY_INO, offset, data)
-    }
-
-    fn invalidate(&self, offset: u64, len: u64) -> io::Result<()> {
-        let off = i64::try_from(offset).map_err(io::Error::other)?;
-        let len = i64::try_from(len).map_err(io::Error::other)?;
-        self.0.inval_inode(MEMORY_INO, off, len)
     }
 }

@@ -1,16 +1,50 @@
 //! Command line: `ckptfs-mountd VM.ckpt MOUNTPOINT [flags] [-o opts]`.
 //!
-//! Every flag also has a `-o` spelling (`cache_mb=N`, `prefetch=P`, `workingset=F`,
-//! `record_workingset`, `threads=N`, `notify_store=BOOL`, `chunk_kb=N`,
-//! `readahead_kb=N`, `foreground`) so `mount -t fuse.ckptfs` can pass them through
-//! mount.fuse.ckptfs. An explicit flag wins over `-o`.
+//! Every flag also has a `-o` spelling (`cache_mb=N`, `prefetch=P`,
+//! `loading_set=F`, `no_loading_set`, `record_loading_set`,
+//! `loading_set_window=S`, `wait_loading_set`, `loader_threads=N`, `threads=N`,
+//! `notify_store=BOOL`, `chunk_kb=N`, `readahead_kb=N`, `foreground`) so
+//! `mount -t fuse.ckptfs` can pass them through mount.fuse.ckptfs. An explicit
+//! flag wins over `-o`. Numbers are bounded: a value outside its range is one
+//! clear error, never an overflow or a mount that cannot serve.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use fuser::{MountOption, SessionACL};
 
-use crate::prefetch::Policy;
+/// Which prefetching runs besides the loading set; each includes the ones before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Demand reads (and the loading set) only.
+    None,
+    /// Plus readahead of sequential streams of small reads.
+    Readahead,
+    /// Plus a background fetch of every page, in disk order.
+    All,
+}
+
+impl Policy {
+    /// Stream readahead is on.
+    pub fn readahead(self) -> bool {
+        self != Policy::None
+    }
+
+    /// The background sweep is on.
+    pub fn background(self) -> bool {
+        self == Policy::All
+    }
+
+    /// The CLI spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Readahead => "readahead",
+            Policy::All => "all",
+        }
+    }
+}
 
 /// Serve a ckptfs checkpoint's guest RAM as a lazily restored FUSE file.
 #[derive(Debug, Parser)]
@@ -26,25 +60,40 @@ pub struct Cli {
     /// Daemon cache bound in MiB [default: 256].
     #[arg(long)]
     pub cache_mb: Option<u64>,
-    /// Prefetch policy; each includes the previous ones [default: all].
+    /// Prefetch besides the loading set; each includes the previous ones [default: all].
     #[arg(long, value_enum)]
     pub prefetch: Option<Policy>,
-    /// Working-set sidecar [default: CHECKPOINT.ws].
+    /// Loading-set file [default: CHECKPOINT.ls].
     #[arg(long)]
-    pub workingset: Option<PathBuf>,
-    /// Record the demand working set and write it to the sidecar on exit.
+    pub loading_set: Option<PathBuf>,
+    /// Do not use a loading set even if one exists.
     #[arg(long)]
-    pub record_workingset: bool,
+    pub no_loading_set: bool,
+    /// Record the pages a restore touches and write them as the loading set on
+    /// exit (slower: the kernel's read-around and all prefetch are off).
+    #[arg(long)]
+    pub record_loading_set: bool,
+    /// Seconds after the first read of `memory` during which touched pages
+    /// belong to the recorded loading set [default: 5].
+    #[arg(long)]
+    pub loading_set_window: Option<f64>,
+    /// Detach (return) only once the loading set is in the page cache.
+    #[arg(long)]
+    pub wait_loading_set: bool,
+    /// Threads that verify and push loading-set pages [default: 2].
+    #[arg(long)]
+    pub loader_threads: Option<usize>,
     /// FUSE worker threads [default: 4].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Push prefetched chunks into the kernel page cache [default: true].
+    /// Push prefetched pages into the kernel page cache [default: true].
     #[arg(long)]
     pub notify_store: Option<bool>,
-    /// Cache chunk size in KiB, a multiple of 4 [default: 64].
+    /// Prefetch chunk size in KiB, a multiple of 4 [default: 64].
     #[arg(long)]
     pub chunk_kb: Option<u64>,
-    /// Kernel readahead of the mount (its bdi read_ahead_kb) [default: 8192].
+    /// Kernel read-around of the mount (its bdi read_ahead_kb), i.e. how much
+    /// a page fault reads [default: 128; 0 while recording].
     #[arg(long)]
     pub readahead_kb: Option<u64>,
     /// Mount options, comma separated (may repeat).
@@ -52,11 +101,21 @@ pub struct Cli {
     pub opts: Vec<String>,
 }
 
-/// Default chunk size. Measured on a 2 GiB guest, cold (bench/RESULTS.md):
-/// 64 KiB chunks gave 1.6x the 4 KiB random-read IOPS of 256 KiB chunks (a miss
-/// rebuilds less) at the same sequential throughput (the kernel sends 1 MiB
-/// reads either way); 1 MiB chunks were worse again.
+/// Default prefetch chunk size. Measured on a 2 GiB guest, cold
+/// (bench/RESULTS.md): 64 KiB chunks gave 1.6x the 4 KiB random-read IOPS of
+/// 256 KiB chunks at the same sequential throughput.
 pub const DEFAULT_CHUNK_KB: u64 = 64;
+/// Default kernel read-around of the mount (see bench/RESULTS.md, "fault size").
+pub const DEFAULT_READAHEAD_KB: u64 = 128;
+/// Default recording window.
+pub const DEFAULT_WINDOW_SECS: f64 = 5.0;
+
+/// Largest daemon cache: 1 TiB.
+const MAX_CACHE_MB: u64 = 1 << 20;
+/// Most FUSE threads (each holds a descriptor and a 1 MiB buffer).
+const MAX_THREADS: u64 = 64;
+/// Largest read-around: 64 MiB.
+const MAX_READAHEAD_KB: u64 = 64 << 10;
 
 /// Fully resolved settings.
 #[derive(Clone, Debug)]
@@ -71,17 +130,23 @@ pub struct Settings {
     pub cache_bytes: u64,
     /// Prefetch policy.
     pub policy: Policy,
-    /// Working-set sidecar path.
-    pub workingset: PathBuf,
-    /// Record the working set.
+    /// Loading-set path, unless loading sets are off.
+    pub loading_set: Option<PathBuf>,
+    /// Record a loading set (to `loading_set`'s path).
     pub record: bool,
+    /// Recording window.
+    pub window: Duration,
+    /// Signal readiness only once the loading set is in.
+    pub wait_loading_set: bool,
+    /// Loader push threads.
+    pub loader_threads: usize,
     /// FUSE threads.
     pub threads: usize,
     /// Use notify-store.
     pub notify_store: bool,
     /// Chunk size in bytes.
     pub chunk_bytes: usize,
-    /// bdi read_ahead_kb to set (0 = leave alone).
+    /// bdi read_ahead_kb to set.
     pub readahead_kb: u64,
     /// Kernel mount options.
     pub mount_options: Vec<MountOption>,
@@ -117,10 +182,14 @@ fn parse_bool(s: &str) -> Option<bool> {
 struct FromOpts {
     foreground: bool,
     record: bool,
+    no_loading_set: bool,
+    wait_loading_set: bool,
     cache_mb: Option<u64>,
     policy: Option<Policy>,
-    workingset: Option<PathBuf>,
-    threads: Option<usize>,
+    loading_set: Option<PathBuf>,
+    window: Option<f64>,
+    loader_threads: Option<u64>,
+    threads: Option<u64>,
     notify_store: Option<bool>,
     chunk_kb: Option<u64>,
     readahead_kb: Option<u64>,
@@ -139,20 +208,26 @@ fn parse_opt(o: &str, acc: &mut FromOpts) -> Result<(), OptionError> {
     };
     match (key, val) {
         ("cache_mb", v) => acc.cache_mb = Some(num(v)?),
-        ("threads", v) => acc.threads = Some(num(v)? as usize),
+        ("threads", v) => acc.threads = Some(num(v)?),
+        ("loader_threads", v) => acc.loader_threads = Some(num(v)?),
         ("chunk_kb", v) => acc.chunk_kb = Some(num(v)?),
         ("readahead_kb", v) => acc.readahead_kb = Some(num(v)?),
+        ("loading_set_window", Some(v)) => {
+            acc.window = Some(v.parse().map_err(|_| bad(o, "expected seconds"))?)
+        }
         ("prefetch", Some(v)) => {
             acc.policy = Some(
                 <Policy as clap::ValueEnum>::from_str(v, false)
-                    .map_err(|_| bad(o, "expected none|readahead|workingset|all"))?,
+                    .map_err(|_| bad(o, "expected none|readahead|all"))?,
             )
         }
-        ("workingset", Some(v)) => acc.workingset = Some(PathBuf::from(v)),
+        ("loading_set", Some(v)) => acc.loading_set = Some(PathBuf::from(v)),
         ("notify_store", Some(v)) => {
             acc.notify_store = Some(parse_bool(v).ok_or(bad(o, "expected true|false"))?)
         }
-        ("record_workingset", None) => acc.record = true,
+        ("record_loading_set", None) => acc.record = true,
+        ("no_loading_set", None) => acc.no_loading_set = true,
+        ("wait_loading_set", None) => acc.wait_loading_set = true,
         ("foreground", None) => acc.foreground = true,
         ("allow_other", None) => acc.acl = SessionACL::All,
         ("allow_root", None) => acc.acl = SessionACL::RootAndOwner,
@@ -180,13 +255,29 @@ fn parse_opt(o: &str, acc: &mut FromOpts) -> Result<(), OptionError> {
     Ok(())
 }
 
+/// `value` if it lies in `range`, else an error naming the option.
+fn bounded(
+    name: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    why: &'static str,
+) -> Result<u64, OptionError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(bad(&format!("{name}={value}"), why))
+    }
+}
+
 impl Settings {
     /// Make every path absolute, so a daemon that left the caller's working
     /// directory (it moves to `/`) still finds its files.
     pub fn make_absolute(&mut self) -> std::io::Result<()> {
         self.checkpoint = std::path::absolute(&self.checkpoint)?;
         self.mountpoint = std::path::absolute(&self.mountpoint)?;
-        self.workingset = std::path::absolute(&self.workingset)?;
+        if let Some(p) = &mut self.loading_set {
+            *p = std::path::absolute(&*p)?;
+        }
         Ok(())
     }
 }
@@ -207,14 +298,50 @@ impl Cli {
                 "must be a multiple of 4, at most 16384",
             ));
         }
-        let threads = self.threads.or(o.threads).unwrap_or(4);
-        if threads == 0 {
-            return Err(bad("threads=0", "need at least one thread"));
+        let threads = self.threads.map(|t| t as u64).or(o.threads).unwrap_or(4);
+        let threads = bounded("threads", threads, 1..=MAX_THREADS, "must be 1 to 64")?;
+        let loader = self.loader_threads.map(|t| t as u64);
+        let loader = loader.or(o.loader_threads).unwrap_or(2);
+        let loader = bounded("loader_threads", loader, 1..=16, "must be 1 to 16")?;
+        let cache_mb = self.cache_mb.or(o.cache_mb).unwrap_or(256);
+        let cache_mb = bounded(
+            "cache_mb",
+            cache_mb,
+            1..=MAX_CACHE_MB,
+            "must be 1 to 1048576",
+        )?;
+        let record = self.record_loading_set || o.record;
+        let readahead = self.readahead_kb.or(o.readahead_kb);
+        let readahead = readahead.unwrap_or(if record { 0 } else { DEFAULT_READAHEAD_KB });
+        let readahead = bounded(
+            "readahead_kb",
+            readahead,
+            0..=MAX_READAHEAD_KB,
+            "must be 0 to 65536",
+        )?;
+        let window = self
+            .loading_set_window
+            .or(o.window)
+            .unwrap_or(DEFAULT_WINDOW_SECS);
+        if !(window > 0.0 && window <= 3600.0) {
+            return Err(bad(
+                &format!("loading_set_window={window}"),
+                "must be more than 0 and at most 3600 seconds",
+            ));
         }
-        let workingset = self.workingset.clone().or(o.workingset).unwrap_or_else(|| {
-            let mut p = self.checkpoint.as_os_str().to_owned();
-            p.push(".ws");
-            PathBuf::from(p)
+        let no_set = self.no_loading_set || o.no_loading_set;
+        if record && no_set {
+            return Err(bad("record_loading_set", "conflicts with no_loading_set"));
+        }
+        let loading_set = (!no_set).then(|| {
+            self.loading_set
+                .clone()
+                .or(o.loading_set)
+                .unwrap_or_else(|| {
+                    let mut p = self.checkpoint.as_os_str().to_owned();
+                    p.push(".ls");
+                    PathBuf::from(p)
+                })
         });
         let mut mount_options = o.mount;
         if !mount_options
@@ -231,14 +358,17 @@ impl Cli {
             checkpoint: self.checkpoint.clone(),
             mountpoint: self.mountpoint.clone(),
             foreground: self.foreground || o.foreground,
-            cache_bytes: self.cache_mb.or(o.cache_mb).unwrap_or(256) << 20,
+            cache_bytes: cache_mb << 20,
             policy: self.prefetch.or(o.policy).unwrap_or(Policy::All),
-            workingset,
-            record: self.record_workingset || o.record,
-            threads,
+            loading_set,
+            record,
+            window: Duration::from_secs_f64(window),
+            wait_loading_set: self.wait_loading_set || o.wait_loading_set,
+            loader_threads: loader as usize,
+            threads: threads as usize,
             notify_store: self.notify_store.or(o.notify_store).unwrap_or(true),
             chunk_bytes: (chunk_kb << 10) as usize,
-            readahead_kb: self.readahead_kb.or(o.readahead_kb).unwrap_or(8192),
+            readahead_kb: readahead,
             mount_options,
             acl: o.acl,
         })
@@ -260,9 +390,12 @@ mod tests {
         let s = settings(&[]).unwrap();
         assert_eq!(s.cache_bytes, 256 << 20);
         assert_eq!(s.policy, Policy::All);
-        assert_eq!(s.workingset, PathBuf::from("vm.ckpt.ws"));
+        assert_eq!(s.loading_set, Some(PathBuf::from("vm.ckpt.ls")));
         assert_eq!(s.threads, 4);
-        assert!(s.notify_store && !s.record && !s.foreground);
+        assert_eq!(s.loader_threads, 2);
+        assert_eq!(s.readahead_kb, DEFAULT_READAHEAD_KB);
+        assert_eq!(s.window, Duration::from_secs(5));
+        assert!(s.notify_store && !s.record && !s.foreground && !s.wait_loading_set);
     }
 
     #[test]
@@ -277,17 +410,39 @@ mod tests {
         assert_eq!(s.cache_bytes, 32 << 20);
         assert_eq!(s.policy, Policy::Readahead);
         assert!(!s.notify_store);
-        let s = settings(&["-o", "allow_other,record_workingset,workingset=/tmp/x.ws"]).unwrap();
+        let s = settings(&[
+            "-o",
+            "allow_other,record_loading_set,loading_set=/tmp/x.ls,loading_set_window=2.5",
+        ])
+        .unwrap();
         assert_eq!(s.acl, SessionACL::All);
         assert!(s.record);
-        assert_eq!(s.workingset, PathBuf::from("/tmp/x.ws"));
+        assert_eq!(s.readahead_kb, 0, "recording reads single pages");
+        assert_eq!(s.window, Duration::from_millis(2500));
+        assert_eq!(s.loading_set, Some(PathBuf::from("/tmp/x.ls")));
+        assert_eq!(
+            settings(&["-o", "no_loading_set"]).unwrap().loading_set,
+            None
+        );
     }
 
     #[test]
-    fn unknown_or_malformed_options_are_refused() {
+    fn unknown_malformed_or_out_of_range_options_are_refused() {
         assert!(settings(&["-o", "frobnicate"]).is_err());
         assert!(settings(&["-o", "cache_mb=lots"]).is_err());
-        assert!(settings(&["-o", "prefetch=sometimes"]).is_err());
+        assert!(settings(&["-o", "prefetch=workingset"]).is_err());
         assert!(settings(&["--chunk-kb", "6"]).is_err());
+        let e = settings(&["--cache-mb", "18446744073709551615"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad mount option 'cache_mb=18446744073709551615': must be 1 to 1048576"
+        );
+        assert!(settings(&["--threads", "100000"]).is_err());
+        assert!(settings(&["--threads", "0"]).is_err());
+        assert!(settings(&["--loader-threads", "0"]).is_err());
+        assert!(settings(&["--readahead-kb", "99999999"]).is_err());
+        assert!(settings(&["--loading-set-window", "0"]).is_err());
+        assert!(settings(&["--loading-set-window", "NaN"]).is_err());
+        assert!(settings(&["--record-loading-set", "--no-loading-set"]).is_err());
     }
 }

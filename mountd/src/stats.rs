@@ -2,7 +2,8 @@
 //! and a log-linear latency histogram (8 sub-buckets per power of two, so a
 //! percentile is within 12.5 % of the true value).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ckptfs::ReadCounts;
@@ -104,18 +105,21 @@ pub struct Stats {
     pub blob_bytes: AtomicU64,
     /// pread calls on disk images.
     pub disk_reads: AtomicU64,
-    /// Chunk lookups by demand reads found in the cache.
+    /// Demand reads served (partly) from the daemon cache.
     pub cache_hits: AtomicU64,
-    /// Chunk lookups by demand reads that had to rebuild.
+    /// Demand reads rebuilt from the page source.
     pub cache_misses: AtomicU64,
     /// Bytes rebuilt by stream readahead.
     pub readahead_bytes: AtomicU64,
-    /// Bytes rebuilt from the recorded working set.
-    pub workingset_bytes: AtomicU64,
+    /// Bytes fetched for the loading set (the set's own bytes are counted in
+    /// [`LoadStatus`]; this counts only fallbacks read from the checkpoint).
+    pub loadset_bytes: AtomicU64,
     /// Bytes rebuilt by the background sweep.
     pub background_bytes: AtomicU64,
     /// Prefetched bytes pushed into the kernel page cache (notify-store).
     pub stored_bytes: AtomicU64,
+    /// Set when the background sweep has visited every page.
+    pub background_complete: AtomicBool,
     /// Prefetched chunk bytes later hit by a demand read in the daemon cache.
     pub prefetch_used_bytes: AtomicU64,
     /// Chunks the prefetcher failed to rebuild.
@@ -165,7 +169,8 @@ pub struct Snapshot {
     pub latency_us: LatencySnapshot,
     pub pages: PagesSnapshot,
     pub background_complete: bool,
-    pub workingset: WorkingSetSnapshot,
+    pub loading_set: LoadSnapshot,
+    pub recording: RecordingSnapshot,
 }
 
 /// Rebuilt bytes by page source.
@@ -193,9 +198,9 @@ pub struct CacheSnapshot {
 pub struct PrefetchSnapshot {
     pub prefetched_bytes: u64,
     pub readahead_bytes: u64,
-    pub workingset_bytes: u64,
     pub background_bytes: u64,
     pub stored_in_kernel_bytes: u64,
+    pub store_errors: u64,
     pub used_by_demand_bytes: u64,
     pub errors: u64,
 }
@@ -210,22 +215,112 @@ pub struct LatencySnapshot {
     pub max: f64,
 }
 
-/// Page counts.
+/// Page counts: `resident` = pages the kernel asked for or was given.
 #[derive(Debug, Serialize)]
 #[allow(missing_docs)]
 pub struct PagesSnapshot {
     pub total: u64,
-    pub fetched: u64,
     pub resident: u64,
 }
 
-/// Working-set sidecar state.
+/// Loading-set recording.
 #[derive(Debug, Serialize)]
 #[allow(missing_docs)]
-pub struct WorkingSetSnapshot {
-    pub loaded_chunks: u64,
-    pub recording: bool,
-    pub recorded_chunks: u64,
+pub struct RecordingSnapshot {
+    pub active: bool,
+    pub window_seconds: f64,
+    pub touched_pages: u64,
+}
+
+/// Where the loading set stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadState {
+    /// No loading set file (or loading sets are off).
+    Absent = 0,
+    /// Being pushed into the page cache.
+    Loading = 1,
+    /// Every page pushed.
+    Done = 2,
+    /// Refused (foreign, damaged, stale): the mount goes on without it.
+    Refused = 3,
+}
+
+/// Progress of the loading set, updated by the loader.
+#[derive(Debug, Default)]
+pub struct LoadStatus {
+    state: AtomicU8,
+    /// Pages listed (stored and zero).
+    pub pages: AtomicU64,
+    /// Bytes of stored pages in the file.
+    pub data_bytes: AtomicU64,
+    /// Bytes pushed into the page cache (stored pages and zero pages).
+    pub pushed_bytes: AtomicU64,
+    /// Bytes read from the loading-set file.
+    pub read_bytes: AtomicU64,
+    /// Microseconds from mount to the start of loading.
+    pub started_us: AtomicU64,
+    /// Microseconds from mount to the end of loading.
+    pub finished_us: AtomicU64,
+    /// The file and, if refused, why.
+    pub text: Mutex<(String, String)>,
+}
+
+impl LoadStatus {
+    /// Current state.
+    pub fn state(&self) -> LoadState {
+        match self.state.load(Ordering::Acquire) {
+            1 => LoadState::Loading,
+            2 => LoadState::Done,
+            3 => LoadState::Refused,
+            _ => LoadState::Absent,
+        }
+    }
+
+    /// Move to `s`.
+    pub fn set_state(&self, s: LoadState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Whether loading is over (done, refused or absent).
+    pub fn settled(&self) -> bool {
+        self.state() != LoadState::Loading
+    }
+
+    /// The JSON view.
+    pub fn snapshot(&self) -> LoadSnapshot {
+        let text = self.text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let s = |us: u64| us as f64 / 1e6;
+        let (start, end) = (get(&self.started_us), get(&self.finished_us));
+        LoadSnapshot {
+            state: self.state(),
+            path: text.0,
+            warning: text.1,
+            pages: get(&self.pages),
+            data_bytes: get(&self.data_bytes),
+            read_bytes: get(&self.read_bytes),
+            pushed_bytes: get(&self.pushed_bytes),
+            started_at_seconds: s(start),
+            finished_at_seconds: (end > 0).then(|| s(end)),
+            seconds: (end > 0).then(|| s(end.saturating_sub(start))),
+        }
+    }
+}
+
+/// Loading-set progress as served in `stats`.
+#[derive(Debug, Serialize)]
+#[allow(missing_docs)]
+pub struct LoadSnapshot {
+    pub state: LoadState,
+    pub path: String,
+    pub warning: String,
+    pub pages: u64,
+    pub data_bytes: u64,
+    pub read_bytes: u64,
+    pub pushed_bytes: u64,
+    pub started_at_seconds: f64,
+    pub finished_at_seconds: Option<f64>,
+    pub seconds: Option<f64>,
 }
 
 impl Stats {

@@ -33,7 +33,17 @@ fn whole_file_read_equals_original_dump() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["memory", "stats", "vmm-state"]);
+    assert_eq!(names, ["memory", "stats", "vmm-state", "zero-ranges"]);
+    // zero-ranges lists exactly the checkpoint's zero pages.
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let text = fs::read_to_string(env.mnt.join("zero-ranges")).unwrap();
+    let ranges = ckptfs::source::parse_zero_ranges(&text, ck.page_count()).unwrap();
+    assert_eq!(ranges, ckptfs::source::zero_ranges(&ck));
+    assert!(ranges.iter().all(|r| {
+        orig[r.start as usize * PAGE..r.end as usize * PAGE]
+            .iter()
+            .all(|&b| b == 0)
+    }));
     assert!(m.unmount().is_none());
 }
 
@@ -232,41 +242,33 @@ fn read_write_open_succeeds_but_writes_fail_and_sources_stay_untouched() {
 }
 
 #[test]
-fn writes_through_a_shared_mapping_are_refused_and_dropped() {
+fn a_writable_shared_mapping_is_refused_and_other_readers_see_the_checkpoint() {
     let env = Env::new();
     let before = hash_file(&env.fx.ckpt);
     let _m = env.mount(&["--prefetch", "none"]);
     let orig = env.original();
+    // Another VM restored from the same mount maps it MAP_PRIVATE.
+    let reader = fs::File::open(env.memory()).unwrap();
+    // SAFETY: MAP_PRIVATE of a file the daemon never truncates.
+    let other_vm = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&reader) }.unwrap();
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(env.memory())
         .unwrap();
-    // SAFETY: nobody truncates the file while it is mapped.
-    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
-    map[5000] ^= 0xff;
-    assert!(
-        map.flush().is_err(),
-        "writeback of a shared mapping must fail"
-    );
-    drop(map);
-    drop(f);
-    let t0 = Instant::now();
-    loop {
-        let mut b = [0u8; 1];
-        fs::File::open(env.memory())
-            .unwrap()
-            .read_exact_at(&mut b, 5000)
-            .unwrap();
-        if b[0] == orig[5000] {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "modified page stays in the page cache"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    // SAFETY: the mapping is refused; if it were not, nobody truncates the file.
+    let err = unsafe { memmap2::MmapMut::map_mut(&f) }
+        .err()
+        .expect("a writable MAP_SHARED mapping of memory must be refused");
+    assert_eq!(err.raw_os_error(), Some(libc::ENODEV), "{err}");
+    // A read-write open still maps MAP_PRIVATE (QEMU < 8.2 with share=off).
+    // SAFETY: as above.
+    let mut own = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.unwrap();
+    own[5000] ^= 0xff;
+    assert_ne!(own[5000], orig[5000]);
+    assert_eq!(other_vm[5000], orig[5000], "a private write leaked");
+    assert!(other_vm[..PAGE * 4] == orig[..PAGE * 4]);
+    drop((own, f, other_vm, reader));
     assert_eq!(hash_file(&env.fx.ckpt), before);
 }
 
@@ -303,7 +305,7 @@ fn stats_json_parses_and_counts_move() {
     assert!(rebuilt >= 1 << 20, "{s1}");
     assert!(s1["cache"]["misses"].as_u64().unwrap() > 0);
     assert!(s1["latency_us"]["max"].as_f64().unwrap() > 0.0);
-    assert!(s1["pages"]["fetched"].as_u64().unwrap() >= 256);
+    assert!(s1["pages"]["resident"].as_u64().unwrap() >= 256);
     assert!(s1["elapsed_seconds"].as_f64() >= s0["elapsed_seconds"].as_f64());
 }
 
@@ -317,7 +319,7 @@ fn background_fetch_completes_and_stores_into_the_page_cache() {
     loop {
         let s = m.stats();
         if s["background_complete"] == true {
-            assert_eq!(s["pages"]["fetched"], s["pages"]["total"], "{s}");
+            assert_eq!(s["pages"]["resident"], s["pages"]["total"], "{s}");
             assert!(
                 s["prefetch"]["stored_in_kernel_bytes"].as_u64().unwrap() > 0,
                 "{s}"
@@ -336,8 +338,9 @@ fn background_fetch_completes_and_stores_into_the_page_cache() {
     let reads_after = m.stats()["reads"].as_u64().unwrap();
     assert!(
         reads_after - reads_before < 8,
-        "stored pages should be served by the kernel, got {} FUSE reads",
-        reads_after - reads_before
+        "stored pages should be served by the kernel, got {} FUSE reads: {}",
+        reads_after - reads_before,
+        m.stats()
     );
 }
 
@@ -386,60 +389,171 @@ fn fusermount_unmount_makes_the_daemon_exit() {
     assert!(status.success(), "exit status {status}");
 }
 
-#[test]
-fn working_set_is_recorded_then_replayed_first() {
-    let env = Env::new();
-    let ws = env.dir.path().join("vm.ckpt.ws");
-    let chunk = mountd::options::DEFAULT_CHUNK_KB * 1024;
-    let touched = [7u64, 3, 100, 64];
-    {
-        let log = env.dir.path().join("record.log");
-        let m = env.mount_foreground(&["--record-workingset", "--prefetch", "none"], &log);
-        let f = DirectFile::open(&env.memory());
-        for c in touched {
-            f.read_page(c * chunk / 4096).unwrap();
-        }
-        assert_eq!(m.stats()["workingset"]["recorded_chunks"], 4);
-        drop(f);
-        assert!(m.unmount().unwrap().success());
-    }
-    let runs = mountd::workingset::load(&ws, common::GUEST_MIB << 20).unwrap();
-    let firsts: Vec<u64> = runs.iter().map(|r| r.first_page * 4096 / chunk).collect();
-    assert_eq!(firsts, touched);
+/// Which pages of `len` bytes of `memory` are in the kernel page cache (mincore
+/// on a read-only shared mapping, which faults nothing in).
+fn cached_pages(memory: &Path, len: usize) -> Vec<bool> {
+    let f = fs::File::open(memory).unwrap();
+    // SAFETY: a read-only mapping of a file the daemon never truncates; it is
+    // only passed to mincore, never read.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }.unwrap();
+    let mut vec = vec![0u8; len / PAGE];
+    // SAFETY: `map` covers `len` bytes; `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
 
-    let m = env.mount(&["--prefetch", "workingset", "--notify-store", "false"]);
+/// Record a loading set by touching `pages` (in order) through a MAP_PRIVATE
+/// mapping, as a VMM would; returns the loading-set path.
+fn record_loading_set(env: &Env, pages: &[u64]) -> std::path::PathBuf {
+    let log = env.dir.path().join("record.log");
+    let m = env.mount_foreground(&["--record-loading-set"], &log);
+    {
+        let f = fs::File::open(env.memory()).unwrap();
+        // SAFETY: MAP_PRIVATE of a file the daemon never truncates.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
+        let mut sum = 0u64;
+        for &p in pages {
+            sum += u64::from(map[p as usize * PAGE + 17]);
+        }
+        std::hint::black_box(sum);
+        let s = m.stats();
+        // Read-around is off while recording: each fault reads exactly its page.
+        assert_eq!(s["recording"]["touched_pages"], pages.len(), "{s}");
+    }
+    assert!(m.unmount().unwrap().success());
+    let ls = env.dir.path().join("vm.ckpt.ls");
+    assert!(ls.exists(), "{}", fs::read_to_string(&log).unwrap());
+    ls
+}
+
+/// Wait (at most 10 s) until the loading set is settled; returns the stats.
+fn settled(m: &common::Mount) -> serde_json::Value {
     let t0 = Instant::now();
-    while m.stats()["prefetch"]["workingset_bytes"].as_u64() != Some(4 * chunk) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "working set not replayed: {}",
-            m.stats()
-        );
+    loop {
+        let s = m.stats();
+        if s["loading_set"]["state"] != "loading" {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "loader stuck: {s}");
         thread::sleep(Duration::from_millis(20));
     }
-    let s = m.stats();
-    assert_eq!(s["workingset"]["loaded_chunks"], 4);
-    let f = DirectFile::open(&env.memory());
-    let orig = env.original();
-    for c in touched {
-        let p = c * chunk / 4096;
-        assert!(f.read_page(p).unwrap() == orig[p as usize * PAGE..][..PAGE]);
-    }
-    let s = m.stats();
-    assert_eq!(s["cache"]["misses"], 0, "replayed chunks are hits: {s}");
-    assert_eq!(
-        s["prefetch"]["used_by_demand_bytes"].as_u64(),
-        Some(4 * chunk)
-    );
-    drop(f);
-    drop(m);
+}
 
-    // A damaged sidecar is a warning, not an error.
-    let mut bytes = fs::read(&ws).unwrap();
-    bytes[20] ^= 1;
-    fs::write(&ws, bytes).unwrap();
-    let m = env.mount(&["--prefetch", "workingset"]);
-    assert_eq!(m.stats()["workingset"]["loaded_chunks"], 0);
+/// The first page of `len` consecutive non-zero pages at or after `from`.
+fn nonzero_run(ck: &Checkpoint, from: u64, len: u64) -> u64 {
+    let nonzero = |p: u64| ck.entry(PageIndex(p)).source != PageSource::Zero;
+    (from..ck.page_count() - len)
+        .find(|&p| (p..p + len).all(nonzero))
+        .expect("a run of non-zero pages")
+}
+
+#[test]
+fn loading_set_is_recorded_page_by_page_then_in_the_page_cache_before_any_vmm_opens_memory() {
+    let env = Env::new();
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let zero = pages_with(&ck, PageSource::Zero)[3];
+    let (a, b, c, d) = (
+        nonzero_run(&ck, 700, 1),
+        nonzero_run(&ck, 300, 1),
+        nonzero_run(&ck, 1000, 3),
+        nonzero_run(&ck, 2000, 1),
+    );
+    let touched = [a, b, c, c + 1, c + 2, zero, d];
+    let ls = record_loading_set(&env, &touched);
+    let set = ckptfs::loadset::LoadingSet::open(&ls, &ck).unwrap();
+    let runs: Vec<(u64, u32, bool)> = set
+        .runs()
+        .iter()
+        .map(|r| (r.first_page, r.pages, r.zero))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            (a, 1, false),
+            (b, 1, false),
+            (c, 3, false),
+            (zero, 1, true),
+            (d, 1, false)
+        ]
+    );
+    // The loading set is no more readable than the checkpoint.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&ls) & !mode(&env.fx.ckpt), 0);
+
+    let m = env.mount(&["--wait-loading-set", "--prefetch", "none"]);
+    // The mount returned only once the set was pushed; no one has opened
+    // `memory` but the daemon itself.
+    let s = m.stats();
+    assert_eq!(s["loading_set"]["state"], "done", "{s}");
+    assert_eq!(
+        s["loading_set"]["pushed_bytes"],
+        touched.len() * PAGE,
+        "{s}"
+    );
+    assert_eq!(s["reads"], 0, "{s}");
+    let len = (common::GUEST_MIB << 20) as usize;
+    let cached = cached_pages(&env.memory(), len);
+    for &p in &touched {
+        assert!(cached[p as usize], "page {p} is not in the page cache");
+    }
+    // A VMM touching them now gets them without one FUSE read, and right.
+    let orig = env.original();
+    let f = fs::File::open(env.memory()).unwrap();
+    // SAFETY: MAP_PRIVATE of a file the daemon never truncates.
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&f) }.unwrap();
+    for &p in &touched {
+        assert!(map[p as usize * PAGE..][..PAGE] == orig[p as usize * PAGE..][..PAGE]);
+    }
+    assert_eq!(m.stats()["reads"], 0, "{}", m.stats());
+}
+
+#[test]
+fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes() {
+    let env = Env::new();
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let (a, b) = (nonzero_run(&ck, 5, 3), nonzero_run(&ck, 3000, 1));
+    let ls = record_loading_set(&env, &[a, a + 1, a + 2, b]);
+    let good = fs::read(&ls).unwrap();
+    let orig = env.original();
+    let check_refused = |what: &str| {
+        let m = env.mount(&["--wait-loading-set", "--prefetch", "none"]);
+        let s = settled(&m);
+        assert_eq!(s["loading_set"]["state"], "refused", "{what}: {s}");
+        let warning = s["loading_set"]["warning"].as_str().unwrap().to_owned();
+        assert!(warning.contains("vm.ckpt.ls"), "{what}: {warning}");
+        assert!(
+            fs::read(env.memory()).unwrap() == orig,
+            "{what}: wrong bytes"
+        );
+        warning
+    };
+    // A flipped byte in a stored page: its CRC (or the data CRC) catches it.
+    let mut bad = good.clone();
+    let data_at = ckptfs::loadset::data_offset(2) as usize;
+    bad[data_at + PAGE + 99] ^= 0x10;
+    fs::write(&ls, &bad).unwrap();
+    let w = check_refused("flipped byte");
+    let page = format!("page {}", a + 1);
+    assert!(w.contains(&page) || w.contains("data checksum"), "{w}");
+    // A loading set from another checkpoint.
+    let other = tempfile::tempdir().unwrap();
+    let fx = mountd::fixture::write(
+        other.path(),
+        common::GUEST_MIB << 20,
+        common::DISK_MIB << 20,
+        7,
+    )
+    .unwrap();
+    let other_set = ckptfs::loadset::runs_from_touches(&[(5, 0, false)]);
+    let other_ck = Checkpoint::open(&fx.ckpt).unwrap();
+    ckptfs::loadset::write(&ls, &other_ck, &other_set, 1000, 0o600).unwrap();
+    let w = check_refused("foreign");
+    assert!(w.contains("another checkpoint"), "{w}");
+    // Truncated.
+    fs::write(&ls, &good[..good.len() - 1]).unwrap();
+    check_refused("truncated");
 }
 
 #[test]
