@@ -257,9 +257,9 @@ fn a_writable_shared_mapping_is_refused_and_other_readers_see_the_checkpoint() {
         .open(env.memory())
         .unwrap();
     // SAFETY: the mapping is refused; if it were not, nobody truncates the file.
-    let err = unsafe { memmap2::MmapMut::map_mut(&f) }
-        .err()
-        .expect("a writable MAP_SHARED mapping of memory must be refused");
+    let Err(err) = (unsafe { memmap2::MmapMut::map_mut(&f) }) else {
+        panic!("a writable MAP_SHARED mapping of memory must be refused");
+    };
     assert_eq!(err.raw_os_error(), Some(libc::ENODEV), "{err}");
     // A read-write open still maps MAP_PRIVATE (QEMU < 8.2 with share=off).
     // SAFETY: as above.
