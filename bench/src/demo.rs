@@ -17,7 +17,7 @@ use crate::restore::{self, Measured, Method, Tools};
 pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> Result<()> {
     let started = Instant::now();
     let tools = Tools::find()?;
-    let vm = restore::prepare(&tools, dir, workload, mib)?;
+    let vm = restore::prepare(&tools, dir, workload, mib, &[])?;
     let ck = Checkpoint::open(&vm.dir.join("vm.ckpt")).context("opening the demo checkpoint")?;
     let raw = MemoryImage::open(&vm.dir.join("mem.raw"))?;
     let report = ckptfs::verify::verify(&ck, Some(raw.bytes()), |_| {});
@@ -28,28 +28,35 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
     );
     let ins = ckptfs::verify::inspect(&ck);
     drop((ck, raw));
-    eprintln!("demo: checkpoint verified; recording the loading set");
-    restore::record_loading_set(&tools, &vm, duration)?;
+    eprintln!("demo: checkpoint verified; recording the loading set (another request seed)");
+    let loadset = restore::record_loading_set(&tools, &vm, 2.0 * duration)?;
     let methods = [
         Method::EagerRaw,
         Method::EagerOptimized,
         Method::LazyRaw,
-        Method::Ckptfs("all"),
+        Method::Ckptfs,
+        Method::CkptfsLs,
         Method::Warm,
     ];
     let mut runs: Vec<Measured> = Vec::new();
     for method in methods {
         eprintln!("demo: restoring with {}", method.label());
-        runs.push(restore::restore(&tools, &vm, method, 0, duration)?);
+        runs.push(restore::restore(
+            &tools, &vm, method, 0, 1, duration, "local",
+        )?);
     }
     restore::score(&mut runs);
     let all_ok = runs.iter().all(|m| m.check_ok);
     if json {
-        let out =
-            serde_json::json!({ "checkpoint": ins, "restores": runs, "state_identical": all_ok });
+        let out = serde_json::json!({
+            "checkpoint": ins,
+            "loading_set": loadset,
+            "restores": runs,
+            "state_identical": all_ok
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_table(&ins, &runs, workload, mib);
+        print_table(&ins, &loadset, &runs, workload, mib);
     }
     eprintln!("demo: done in {:.0} s", started.elapsed().as_secs_f64());
     ensure!(
@@ -59,7 +66,13 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
     Ok(())
 }
 
-fn print_table(ins: &ckptfs::verify::Inspection, runs: &[Measured], workload: &str, mib: u64) {
+fn print_table(
+    ins: &ckptfs::verify::Inspection,
+    loadset: &restore::LoadingSetInfo,
+    runs: &[Measured],
+    workload: &str,
+    mib: u64,
+) {
     let pct = |n: u64| 100.0 * n as f64 / ins.pages.max(1) as f64;
     println!();
     println!("{workload} guest, {mib} MiB RAM, checkpointed by vmm-lite with I/O tracking:");
@@ -76,17 +89,28 @@ fn print_table(ins: &ckptfs::verify::Inspection, runs: &[Measured], workload: &s
         100.0 * ins.size_ratio,
         (ins.guest_bytes.saturating_sub(ins.checkpoint_bytes)) as f64 / 1048576.0
     );
+    println!(
+        "  loading set: {} pages ({:.1} MiB stored) first touched by a recorded restore with another request seed",
+        loadset.pages,
+        loadset.data_bytes as f64 / 1048576.0
+    );
     println!();
     println!(
-        "{:<18} {:>9} {:>16} {:>15} {:>13}",
-        "restore method", "TTR ms", "first reply ms", "all resident ms", "state check"
+        "{:<18} {:>9} {:>12} {:>16} {:>15} {:>13}",
+        "restore method",
+        "TTR ms",
+        "work lag ms",
+        "first reply ms",
+        "all resident ms",
+        "state check"
     );
     for m in runs {
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
         println!(
-            "{:<18} {:>9} {:>16.0} {:>15} {:>13}",
+            "{:<18} {:>9} {:>12} {:>16.0} {:>15} {:>13}",
             m.method,
             m.ttr_ms.map_or("never".to_string(), |x| format!("{x:.0}")),
+            ms(m.lag_ms),
             m.first_response_ms,
             ms(m.resident_ms),
             if m.check_ok { "identical" } else { "MISMATCH" }
@@ -94,6 +118,9 @@ fn print_table(ins: &ckptfs::verify::Inspection, runs: &[Measured], workload: &s
     }
     println!();
     println!(
-        "TTR: time until every 100 ms window completes >= 80% of the warm VM's requests per window."
+        "TTR: time until every 100 ms window completes >= 80% of the warm VM's requests per window;"
+    );
+    println!(
+        "work lag: requests the warm VM completed in the run minus this one's, in ms of warm work."
     );
 }

@@ -6,6 +6,7 @@ mod matrix;
 mod plot;
 mod report;
 mod restore;
+mod tier;
 mod ttr;
 
 use std::path::PathBuf;
@@ -36,21 +37,34 @@ enum Command {
     },
     /// Time-to-responsiveness of every restore method (see bench/RESULTS.md).
     Restore {
-        /// 512 MiB guests only (a few minutes); the full run adds 1, 2 and 4 GiB.
+        /// 512 MiB guests, local storage, 3 repetitions (a few minutes); the
+        /// full run is 1 and 4 GiB at local and 200 MB/s, 5 repetitions.
         #[arg(long)]
         quick: bool,
         /// Workloads, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "pagecache,anon,mixed")]
+        #[arg(long, value_delimiter = ',', default_value = "desktop,mixed")]
         workloads: Vec<String>,
         /// Guest sizes in MiB, comma separated (overrides --quick's choice).
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<u64>,
-        /// Repetitions per cell.
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
+        /// Repetitions per cell [default: 5; 3 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
         /// Seconds each restored VM serves requests.
         #[arg(long, default_value_t = 3.0)]
         duration: f64,
+        /// Storage tiers: "local" and/or read limits in MB/s (blkio cgroup), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "local,200")]
+        storage_mbps: Vec<String>,
+        /// Methods, comma separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Loading-set recording window in seconds (default: 2 x --duration).
+        #[arg(long)]
+        window: Option<f64>,
+        /// Extra `vmm-lite run` arguments (e.g. "--desktop-ws-pct=12"), repeatable.
+        #[arg(long, allow_hyphen_values = true)]
+        run_arg: Vec<String>,
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -105,6 +119,22 @@ fn work_dir(dir: Option<PathBuf>) -> Result<(Option<tempfile::TempDir>, PathBuf)
     })
 }
 
+fn parse_tiers(v: &[String]) -> Result<Vec<tier::Tier>> {
+    v.iter()
+        .map(|t| match t.as_str() {
+            "local" => Ok(tier::Tier::Local),
+            n => n
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(tier::Tier::Mbps)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--storage-mbps: {t:?} is neither \"local\" nor MB/s")
+                }),
+        })
+        .collect()
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Create {
@@ -123,23 +153,42 @@ fn run(cli: Cli) -> Result<()> {
             sizes,
             reps,
             duration,
+            storage_mbps,
+            methods,
+            window,
+            run_arg,
             dir,
             out,
         } => {
-            let sizes = if !sizes.is_empty() {
-                sizes
-            } else if quick {
-                vec![512]
+            let sizes = match (sizes.is_empty(), quick) {
+                (false, _) => sizes,
+                (true, true) => vec![512],
+                (true, false) => vec![1024, 4096],
+            };
+            let tiers = if quick && storage_mbps == ["local", "200"] {
+                vec![tier::Tier::Local]
             } else {
-                vec![512, 1024, 2048, 4096]
+                parse_tiers(&storage_mbps)?
+            };
+            let methods = if methods.is_empty() {
+                restore::Method::all()
+            } else {
+                methods
+                    .iter()
+                    .map(|m| restore::Method::parse(m))
+                    .collect::<Result<_>>()?
             };
             let (_keep, dir) = work_dir(dir)?;
             matrix::run(
                 &matrix::Matrix {
                     workloads,
                     sizes,
-                    reps,
+                    tiers,
+                    methods,
+                    reps: reps.unwrap_or(if quick { 3 } else { 5 }),
                     duration,
+                    window: window.unwrap_or(2.0 * duration),
+                    run_args: run_arg,
                 },
                 &dir,
                 &out,

@@ -1,15 +1,16 @@
 //! `bench restore`: time-to-responsiveness of every restore method, side by side.
 //!
 //! For each workload and guest size, vmm-lite boots the guest, warms it up and
-//! checkpoints it (a ckptfs checkpoint, a raw dump and a state file). Then each
+//! checkpoints it (a ckptfs checkpoint, a raw dump and a state file); one
+//! recording restore (its own request seed) writes the loading set. Then each
 //! method restores the same VM, from a cold page cache unless it is the warm
-//! ideal, and vmm-lite logs every completed request; TTR and the other measures
-//! come from those timelines (see [`crate::ttr`]).
+//! ideal, with a request seed per repetition that differs from the recording's
+//! (so the loading set predicts the restore only as well as a real one would),
+//! and vmm-lite logs every completed request; TTR and the other measures come
+//! from those timelines (see [`crate::ttr`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -25,30 +26,54 @@ pub enum Method {
     EagerOptimized,
     /// mmap the raw dump MAP_PRIVATE (Firecracker's File backend).
     LazyRaw,
-    /// ckptfs mount with this prefetch policy.
-    Ckptfs(&'static str),
+    /// ckptfs mount, no loading set (demand + background fetch).
+    Ckptfs,
+    /// ckptfs mount with the loading set pushed before the VM starts.
+    CkptfsLs,
+    /// As `CkptfsLs`, and vmm-lite maps the checkpoint's zero ranges anonymous.
+    CkptfsLsZero,
     /// Memory already resident (warm page cache, raw dump mapped).
     Warm,
 }
 
 impl Method {
     /// Label used in tables and plots.
-    pub fn label(self) -> String {
+    pub fn label(self) -> &'static str {
         match self {
-            Method::EagerRaw => "eager-raw".into(),
-            Method::EagerOptimized => "eager-optimized".into(),
-            Method::LazyRaw => "lazy-raw".into(),
-            Method::Ckptfs(p) => format!("ckptfs-{p}"),
-            Method::Warm => "warm".into(),
+            Method::EagerRaw => "eager-raw",
+            Method::EagerOptimized => "eager-optimized",
+            Method::LazyRaw => "lazy-raw",
+            Method::Ckptfs => "ckptfs",
+            Method::CkptfsLs => "ckptfs-ls",
+            Method::CkptfsLsZero => "ckptfs-ls-zero",
+            Method::Warm => "warm",
         }
     }
 
     /// Every method, the baselines first.
     pub fn all() -> Vec<Method> {
-        let mut m = vec![Method::EagerRaw, Method::EagerOptimized, Method::LazyRaw];
-        m.extend(["none", "all"].map(Method::Ckptfs));
-        m.push(Method::Warm);
-        m
+        vec![
+            Method::EagerRaw,
+            Method::EagerOptimized,
+            Method::LazyRaw,
+            Method::Ckptfs,
+            Method::CkptfsLs,
+            Method::CkptfsLsZero,
+            Method::Warm,
+        ]
+    }
+
+    /// The method labelled `s`.
+    pub fn parse(s: &str) -> Result<Method> {
+        Method::all()
+            .into_iter()
+            .find(|m| m.label() == s)
+            .with_context(|| format!("unknown method {s:?}"))
+    }
+
+    /// Uses the loading set.
+    pub fn uses_loading_set(self) -> bool {
+        matches!(self, Method::CkptfsLs | Method::CkptfsLsZero)
     }
 }
 
@@ -95,7 +120,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    fn path(&self, name: &str) -> PathBuf {
+    /// A file in the VM's folder.
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
@@ -115,8 +141,15 @@ fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
     serde_json::from_str(last).with_context(|| format!("parsing the report of {cmd:?}"))
 }
 
-/// Make the disk and checkpoint the VM.
-pub fn prepare(tools: &Tools, root: &Path, workload: &str, mib: u64) -> Result<Vm> {
+/// Make the disk and checkpoint the VM; `run_args` go to `vmm-lite run`
+/// (e.g. the desktop workload's parameters).
+pub fn prepare(
+    tools: &Tools,
+    root: &Path,
+    workload: &str,
+    mib: u64,
+    run_args: &[String],
+) -> Result<Vm> {
     let dir = root.join(format!("{workload}-{mib}"));
     std::fs::create_dir_all(&dir)?;
     let disk = dir.join("disk.img");
@@ -140,6 +173,7 @@ pub fn prepare(tools: &Tools, root: &Path, workload: &str, mib: u64) -> Result<V
                 "--checkpoint-after",
                 "1",
             ])
+            .args(run_args)
             .arg("--disk")
             .arg(&disk)
             .arg("-o")
@@ -195,59 +229,86 @@ pub struct Measured {
     pub workload: String,
     /// Guest RAM MiB.
     pub mib: u64,
+    /// Storage tier label.
+    pub tier: String,
     /// Method label.
     pub method: String,
     /// Repetition.
     pub rep: usize,
+    /// The restore's request seed.
+    pub seed: u64,
     /// Completion times, ns since the restore started (mount included).
     #[serde(skip)]
     pub times: Vec<u64>,
     /// First completed request, ms.
     pub first_response_ms: f64,
-    /// Every page resident (eager: when memory was loaded; ckptfs-all: when background fetch finished), ms.
+    /// Every page resident (eager: when memory was loaded; ckptfs: when the background fetch finished), ms.
     pub resident_ms: Option<f64>,
     /// Bytes read from block devices during the restore.
     pub storage_bytes: u64,
     /// The restored VM's final CHECK equals the checkpointed one.
     pub check_ok: bool,
+    /// Loading set: bytes pushed before the VM resumed.
+    pub loadset_bytes: Option<u64>,
+    /// Loading set: seconds from mount to all pushed.
+    pub loadset_seconds: Option<f64>,
+    /// Requests completed within the horizon (the run's duration from its start).
+    pub count_at_horizon: u64,
     /// TTR, ms (filled in once the warm rate is known).
     pub ttr_ms: Option<f64>,
+    /// Work lag against the median warm run, ms (filled in by [`score`]).
+    pub lag_ms: Option<f64>,
 }
 
+/// A mount of the VM's checkpoint.
 struct Mount {
     point: PathBuf,
     /// The detached daemon's pid (from its stats file).
     pid: Option<u64>,
 }
 
+/// How to mount.
+#[derive(Clone, Copy, Debug)]
+enum MountMode {
+    /// Record the loading set (window in seconds).
+    Record(f64),
+    /// Serve with the loading set, returning once it is in the page cache.
+    WithLoadingSet,
+    /// Serve without a loading set.
+    Plain,
+}
+
 impl Mount {
-    /// Mount `vm`'s checkpoint; `record` = the recording window in seconds.
-    fn new(tools: &Tools, vm: &Vm, policy: &str, record: Option<f64>) -> Result<Self> {
+    fn new(tools: &Tools, vm: &Vm, mode: MountMode) -> Result<Self> {
         let point = vm.path("mnt");
         std::fs::create_dir_all(&point)?;
         let mut cmd = Command::new(&tools.mountd);
-        cmd.arg(vm.path("vm.ckpt"))
-            .arg(&point)
-            .args(["--prefetch", policy]);
-        match (record, policy) {
-            (Some(window), _) => {
+        cmd.arg(vm.path("vm.ckpt")).arg(&point);
+        match mode {
+            MountMode::Record(window) => {
                 cmd.arg("--record-loading-set")
                     .arg("--loading-set-window")
                     .arg(window.to_string());
             }
-            (None, "none") => {
-                cmd.arg("--no-loading-set");
-            }
-            (None, _) => {
+            MountMode::WithLoadingSet => {
                 cmd.arg("--wait-loading-set");
+            }
+            MountMode::Plain => {
+                cmd.arg("--no-loading-set");
             }
         }
         run_status(&mut cmd)?;
-        let pid = std::fs::read_to_string(point.join("stats"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["pid"].as_u64());
+        let pid = Self::stats_at(&point).ok().and_then(|v| v["pid"].as_u64());
         Ok(Mount { point, pid })
+    }
+
+    fn stats_at(point: &Path) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(point.join("stats"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn stats(&self) -> Result<serde_json::Value> {
+        Self::stats_at(&self.point)
     }
 }
 
@@ -257,7 +318,7 @@ impl Drop for Mount {
             .arg("-u")
             .arg(&self.point)
             .status();
-        // Wait for the daemon to exit: it writes the recorded working set after
+        // Wait for the daemon to exit: it writes the recorded loading set after
         // the unmount, so the mount disappearing is not enough.
         // A zombie (state Z) has exited too; its parent may be slow to reap it.
         let gone = |pid: u64| {
@@ -268,54 +329,38 @@ impl Drop for Mount {
                 })
                 .unwrap_or(true)
         };
-        for _ in 0..500 {
+        for _ in 0..1500 {
             if self.pid.is_none_or(gone) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!(
-            "bench: ckptfs-mountd on {} did not exit within 10 s",
+            "bench: ckptfs-mountd on {} did not exit within 30 s",
             self.point.display()
         );
     }
 }
 
-/// Poll the mount's stats until background fetch completes; returns when it did.
-fn watch_background(
-    stats: PathBuf,
-    start: Instant,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Option<f64>> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok(s) = std::fs::read_to_string(&stats)
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&s)
-                && v["background_complete"] == true
-            {
-                return Some(start.elapsed().as_secs_f64() * 1e3);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    })
-}
-
-/// `vmm-lite restore` of `vm`'s disk, serving requests for `duration_s` seconds.
-fn restore_cmd(tools: &Tools, vm: &Vm, duration_s: f64) -> Command {
+/// `vmm-lite restore` of `vm`'s disk, serving requests for `duration_s` seconds
+/// with request seed `seed`.
+fn restore_cmd(tools: &Tools, vm: &Vm, duration_s: f64, seed: u64) -> Command {
     let mut cmd = Command::new(&tools.vmm);
     cmd.arg("restore").arg("--disk").arg(vm.path("disk.img"));
     cmd.args(["--duration", &duration_s.to_string()]);
+    cmd.args(["--request-seed", &seed.to_string()]);
     cmd
 }
 
-/// Restore `vm` with `method` and measure it.
+/// Restore `vm` with `method` (request seed `seed`) and measure it.
 pub fn restore(
     tools: &Tools,
     vm: &Vm,
     method: Method,
     rep: usize,
+    seed: u64,
     duration_s: f64,
+    tier: &str,
 ) -> Result<Measured> {
     if method == Method::Warm {
         // Make the raw dump resident in the page cache.
@@ -326,11 +371,9 @@ pub fn restore(
     let timeline = vm.path("timeline.jsonl");
     let pgpgin = pgpgin_kib();
     let start = Instant::now();
-    let mut cmd = restore_cmd(tools, vm, duration_s);
+    let mut cmd = restore_cmd(tools, vm, duration_s, seed);
     cmd.arg("--timeline").arg(&timeline);
     let mut mount = None;
-    let mut watcher = None;
-    let stop = Arc::new(AtomicBool::new(false));
     match method {
         Method::EagerRaw => {
             cmd.arg("--mem-file")
@@ -348,44 +391,58 @@ pub fn restore(
                 .arg("--state")
                 .arg(vm.path("state.bin"));
         }
-        Method::Ckptfs(policy) => {
-            let m = Mount::new(tools, vm, policy, None)?;
+        Method::Ckptfs | Method::CkptfsLs | Method::CkptfsLsZero => {
+            let mode = if method.uses_loading_set() {
+                MountMode::WithLoadingSet
+            } else {
+                MountMode::Plain
+            };
+            let m = Mount::new(tools, vm, mode)?;
             cmd.arg("--mem-file")
                 .arg(m.point.join("memory"))
                 .arg("--state")
                 .arg(m.point.join("vmm-state"));
-            if policy == "all" {
-                watcher = Some(watch_background(m.point.join("stats"), start, stop.clone()));
+            if method == Method::CkptfsLsZero {
+                cmd.arg("--zero-ranges").arg(m.point.join("zero-ranges"));
             }
             mount = Some(m);
         }
     }
     let launched = start.elapsed().as_nanos() as u64;
     let report = run_json(&mut cmd)?;
-    stop.store(true, Ordering::Relaxed);
-    let background_ms = watcher.and_then(|w| w.join().ok().flatten());
+    let stats = mount.as_ref().and_then(|m| m.stats().ok());
+    let storage_bytes_before_unmount = (pgpgin_kib() - pgpgin) * 1024;
     drop(mount);
-    let storage_bytes = (pgpgin_kib() - pgpgin) * 1024;
     let mut times = read_timeline(&timeline, launched)?;
     times.sort_unstable();
+    let ls = stats.as_ref().map(|s| &s["loading_set"]);
     let resident_ms = match method {
         Method::EagerRaw | Method::EagerOptimized => report["memory_ms"]
             .as_f64()
             .map(|m| m + launched as f64 / 1e6),
         Method::Warm => Some(0.0),
-        _ => background_ms,
+        _ => None,
     };
+    let horizon = (duration_s * 1e9) as u64;
     Ok(Measured {
         workload: vm.workload.clone(),
         mib: vm.mib,
-        method: method.label(),
+        tier: tier.to_owned(),
+        method: method.label().to_owned(),
         rep,
+        seed,
         first_response_ms: times.first().map_or(f64::NAN, |&t| t as f64 / 1e6),
+        count_at_horizon: times.iter().filter(|&&t| t <= horizon).count() as u64,
         times,
         resident_ms,
-        storage_bytes,
+        storage_bytes: storage_bytes_before_unmount,
         check_ok: report["check"].as_str() == Some(vm.check.as_str()),
+        loadset_bytes: ls
+            .filter(|l| l["state"] == "done")
+            .and_then(|l| l["read_bytes"].as_u64()),
+        loadset_seconds: ls.and_then(|l| l["seconds"].as_f64()),
         ttr_ms: None,
+        lag_ms: None,
     })
 }
 
@@ -407,37 +464,72 @@ fn read_timeline(path: &Path, offset: u64) -> Result<Vec<u64>> {
     Ok(times)
 }
 
-/// Record the loading set: one restore through a recording mount.
-pub fn record_loading_set(tools: &Tools, vm: &Vm, duration_s: f64) -> Result<()> {
-    // The guest's final CHECK reads all of memory: keep it out of the window.
-    let m = Mount::new(tools, vm, "none", Some(duration_s * 0.8))?;
-    let mut cmd = restore_cmd(tools, vm, duration_s);
+/// The request seed of the recording restore (measured restores use 1, 2, ...).
+pub const RECORD_SEED: u64 = 1_000_003;
+
+/// What the recording wrote.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoadingSetInfo {
+    /// Pages listed (stored and zero).
+    pub pages: u64,
+    /// Bytes of stored pages.
+    pub data_bytes: u64,
+    /// Runs.
+    pub runs: u64,
+    /// Recording window, seconds.
+    pub window_seconds: f64,
+}
+
+/// Record the loading set: one restore (seed [`RECORD_SEED`]) through a
+/// recording mount whose window is `window_s`; the restore runs past the
+/// window so that its final whole-memory CHECK stays out of the set.
+pub fn record_loading_set(tools: &Tools, vm: &Vm, window_s: f64) -> Result<LoadingSetInfo> {
+    let m = Mount::new(tools, vm, MountMode::Record(window_s))?;
+    let mut cmd = restore_cmd(tools, vm, window_s + 0.5, RECORD_SEED);
     cmd.arg("--mem-file")
         .arg(m.point.join("memory"))
         .arg("--state")
         .arg(m.point.join("vmm-state"));
     run_json(&mut cmd)?;
     drop(m);
-    ensure!(
-        vm.path("vm.ckpt.ls").exists(),
-        "recording mount wrote no loading set"
-    );
-    Ok(())
+    let ck = ckptfs::Checkpoint::open(&vm.path("vm.ckpt"))?;
+    let set = ckptfs::loadset::LoadingSet::open(&vm.path("vm.ckpt.ls"), &ck)
+        .context("the recording mount wrote no usable loading set")?;
+    Ok(LoadingSetInfo {
+        pages: set.runs().iter().map(|r| u64::from(r.pages)).sum(),
+        data_bytes: set.data_bytes(),
+        runs: set.runs().len() as u64,
+        window_seconds: window_s,
+    })
 }
 
-/// Fill in TTRs against the warm rate of the same repetition.
+/// Fill in TTRs and work lags against the warm runs of the same tier: TTR
+/// against the warm rate of the same repetition, lag against the median warm
+/// count at the horizon.
 pub fn score(results: &mut [Measured]) {
-    let warm: Vec<(usize, f64)> = results
+    let warm: Vec<(String, usize, f64, u64)> = results
         .iter()
         .filter(|m| m.method == "warm")
-        .map(|m| (m.rep, ttr::warm_rate(&m.times, ttr::WINDOW_NS)))
+        .map(|m| {
+            let rate = ttr::warm_rate(&m.times, ttr::WINDOW_NS);
+            (m.tier.clone(), m.rep, rate, m.count_at_horizon)
+        })
         .collect();
     for m in results.iter_mut() {
-        let Some(&(_, rate)) = warm.iter().find(|(r, _)| *r == m.rep) else {
-            continue;
-        };
-        m.ttr_ms =
-            ttr::ttr(&m.times, rate, ttr::WINDOW_NS, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
+        let same_tier: Vec<&(String, usize, f64, u64)> =
+            warm.iter().filter(|w| w.0 == m.tier).collect();
+        if let Some(w) = same_tier.iter().find(|w| w.1 == m.rep) {
+            m.ttr_ms =
+                ttr::ttr(&m.times, w.2, ttr::WINDOW_NS, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
+        }
+        let rate_per_ms = median(same_tier.iter().map(|w| w.2).collect())
+            .map(|r| r / (ttr::WINDOW_NS as f64 / 1e6));
+        let warm_count = median(same_tier.iter().map(|w| w.3 as f64).collect());
+        if let (Some(rate), Some(count)) = (rate_per_ms, warm_count)
+            && rate > 0.0
+        {
+            m.lag_ms = Some((count - m.count_at_horizon as f64) / rate);
+        }
     }
 }
 

@@ -45,7 +45,8 @@ fn check(workload: &str) {
             "eager-raw",
             "eager-optimized",
             "lazy-raw",
-            "ckptfs-all",
+            "ckptfs",
+            "ckptfs-ls",
             "warm"
         ]
     );
@@ -57,6 +58,18 @@ fn check(workload: &str) {
         );
         assert!(r["first_response_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // The loading set was recorded and pushed before the VM resumed.
+    assert!(v["loading_set"]["pages"].as_u64().unwrap() > 0, "{v}");
+    let ls = v["restores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "ckptfs-ls")
+        .unwrap();
+    assert!(
+        ls["loadset_bytes"].as_u64().is_some(),
+        "loading set not pushed: {ls}"
+    );
     let ck = &v["checkpoint"];
     assert_eq!(ck["pages"], 32 * 256);
     assert_eq!(ck["invalid_entries"], 0);
