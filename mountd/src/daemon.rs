@@ -129,8 +129,8 @@ fn mount_dev(canonical_mountpoint: &Path) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Raise the kernel readahead of the mount so buffered sequential reads and
-/// page faults arrive as large FUSE reads (the FUSE bdi starts at 128 KiB).
+/// Set the kernel read-around of the mount: how much a page fault or a small
+/// buffered read asks for (0 while recording: single pages).
 fn set_kernel_readahead(dev: (u32, u32), kb: u64) {
     let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", dev.0, dev.1);
     match fs::write(&path, kb.to_string()) {
@@ -178,6 +178,56 @@ fn lazy_unmount(mnt: &Path) {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
+/// Refuse a mount point that is missing, not a directory, already a ckptfs
+/// mount, or a stale FUSE mount whose daemon died, and say the way out.
+fn check_mount_point(mnt: &Path) -> anyhow::Result<()> {
+    // statfs always reaches a FUSE daemon (stat may be answered from cached
+    // attributes), so it is what tells a dead one: ENOTCONN.
+    let stale = std::ffi::CString::new(mnt.as_os_str().as_bytes())
+        .ok()
+        .is_some_and(|c| {
+            // SAFETY: statvfs is plain data; zeroed is a valid value to overwrite.
+            let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: `c` is a valid NUL-terminated path, `buf` a valid out-pointer.
+            let rc = unsafe { libc::statvfs(c.as_ptr(), &mut buf) };
+            rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+        });
+    if stale {
+        bail!(
+            "mount point {} is a stale FUSE mount (its daemon is gone); clear it with `fusermount3 -u -z {}`",
+            mnt.display(),
+            mnt.display()
+        );
+    }
+    match fs::metadata(mnt) {
+        Err(e) => bail!("mount point {}: {e}", mnt.display()),
+        Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", mnt.display()),
+        Ok(_) => {}
+    }
+    if is_ckptfs_mount(&mnt.canonicalize()?) {
+        bail!(
+            "{} is already a ckptfs mount; unmount it first (`fusermount3 -u {}`)",
+            mnt.display(),
+            mnt.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether the newest mount on `canonical_mountpoint` is a ckptfs mount.
+fn is_ckptfs_mount(canonical_mountpoint: &Path) -> bool {
+    let Some(want) = canonical_mountpoint.to_str() else {
+        return false;
+    };
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // "... mountpoint ... - fstype source options": the type follows the separator.
+    info.lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want))
+        .and_then(|l| l.split_once(" - "))
+        .is_some_and(|(_, rest)| rest.starts_with("fuse.ckptfs "))
+}
+
 /// Write the recorded loading set next to the checkpoint, no more readable
 /// than the checkpoint itself.
 fn save_loading_set(s: &Settings, shared: &Shared) {
@@ -199,9 +249,7 @@ fn save_loading_set(s: &Settings, shared: &Shared) {
 
 /// Open the checkpoint, mount, serve until unmounted. `ready` is set when detached.
 pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
-    if !s.mountpoint.is_dir() {
-        bail!("mount point {} is not a directory", s.mountpoint.display());
-    }
+    check_mount_point(&s.mountpoint)?;
     // The library's errors name the checkpoint or disk image themselves.
     let ckpt = Checkpoint::open(&s.checkpoint)?;
     let owner = Ownership::of(&fs::metadata(&s.checkpoint)?);

@@ -557,6 +557,49 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
 }
 
 #[test]
+fn the_tree_is_read_only_and_a_second_or_stale_mount_is_refused_clearly() {
+    let env = Env::new();
+    let log = env.dir.path().join("mountd.log");
+    let mut m = env.mount_foreground(&[], &log);
+    for (what, res) in [
+        ("rm", fs::remove_file(env.mnt.join("stats"))),
+        ("mv", fs::rename(env.mnt.join("stats"), env.mnt.join("s2"))),
+        ("mkdir", fs::create_dir(env.mnt.join("d"))),
+        ("create", fs::File::create(env.mnt.join("new")).map(drop)),
+    ] {
+        let err = res.expect_err(what);
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{what}: {err}");
+    }
+    let again = |expect: &str| {
+        let out = Command::new(common::mountd_bin())
+            .arg(&env.fx.ckpt)
+            .arg(&env.mnt)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(expect), "{err}");
+    };
+    again("already a ckptfs mount");
+    // Kill the daemon: the mount goes stale.
+    let pid = m.child.as_ref().unwrap().id() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    m.wait_exit(pid);
+    again("stale FUSE mount");
+    // The way out the message gives works.
+    let st = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&env.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = env.mount(&[]);
+    assert!(m.unmount().is_none());
+}
+
+#[test]
 fn bad_checkpoint_is_refused_with_one_clear_line() {
     let env = Env::new();
     let garbage = env.dir.path().join("garbage.ckpt");
