@@ -34,8 +34,8 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
         Method::EagerRaw,
         Method::EagerOptimized,
         Method::LazyRaw,
-        Method::Ckptfs,
-        Method::CkptfsLs,
+        Method::CKPTFS,
+        Method::CKPTFS_LS,
         Method::Warm,
     ];
     let mut runs: Vec<Measured> = Vec::new();

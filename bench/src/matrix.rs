@@ -42,7 +42,7 @@ struct Done {
 pub fn run(m: &Matrix, dir: &Path, out: &Path) -> Result<()> {
     let tools = Tools::find()?;
     std::fs::create_dir_all(out)?;
-    let labels: Vec<String> = m.methods.iter().map(|x| x.label().to_owned()).collect();
+    let labels: Vec<String> = m.methods.iter().map(|x| x.label()).collect();
     let cells = m.workloads.len() * m.sizes.len() * m.tiers.len();
     eprintln!(
         "bench restore: {cells} cells x {} methods x {} reps",

@@ -26,54 +26,108 @@ pub enum Method {
     EagerOptimized,
     /// mmap the raw dump MAP_PRIVATE (Firecracker's File backend).
     LazyRaw,
-    /// ckptfs mount, no loading set (demand + background fetch).
-    Ckptfs,
-    /// ckptfs mount with the loading set pushed before the VM starts.
-    CkptfsLs,
-    /// As `CkptfsLs`, and vmm-lite maps the checkpoint's zero ranges anonymous.
-    CkptfsLsZero,
+    /// A ckptfs mount.
+    Ckptfs(CkptfsOpts),
     /// Memory already resident (warm page cache, raw dump mapped).
     Warm,
 }
 
+/// How a ckptfs restore is set up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CkptfsOpts {
+    /// Push the loading set before the VM starts (`--wait-loading-set`).
+    pub loading_set: bool,
+    /// vmm-lite maps the checkpoint's zero ranges anonymous.
+    pub zero_ranges: bool,
+    /// The mount's read-around (`--readahead-kb`), if not the default.
+    pub readahead_kb: Option<u32>,
+}
+
 impl Method {
-    /// Label used in tables and plots.
-    pub fn label(self) -> &'static str {
+    /// Label used in tables and plots: `ckptfs[-ls][-zero][-raN]` for ckptfs.
+    pub fn label(self) -> String {
         match self {
-            Method::EagerRaw => "eager-raw",
-            Method::EagerOptimized => "eager-optimized",
-            Method::LazyRaw => "lazy-raw",
-            Method::Ckptfs => "ckptfs",
-            Method::CkptfsLs => "ckptfs-ls",
-            Method::CkptfsLsZero => "ckptfs-ls-zero",
-            Method::Warm => "warm",
+            Method::EagerRaw => "eager-raw".into(),
+            Method::EagerOptimized => "eager-optimized".into(),
+            Method::LazyRaw => "lazy-raw".into(),
+            Method::Warm => "warm".into(),
+            Method::Ckptfs(o) => {
+                let mut s = String::from("ckptfs");
+                if o.loading_set {
+                    s.push_str("-ls");
+                }
+                if o.zero_ranges {
+                    s.push_str("-zero");
+                }
+                if let Some(kb) = o.readahead_kb {
+                    s.push_str(&format!("-ra{kb}"));
+                }
+                s
+            }
         }
     }
 
-    /// Every method, the baselines first.
+    /// ckptfs without a loading set.
+    pub const CKPTFS: Method = Method::Ckptfs(CkptfsOpts {
+        loading_set: false,
+        zero_ranges: false,
+        readahead_kb: None,
+    });
+    /// ckptfs with the loading set.
+    pub const CKPTFS_LS: Method = Method::Ckptfs(CkptfsOpts {
+        loading_set: true,
+        zero_ranges: false,
+        readahead_kb: None,
+    });
+
+    /// Every method of the standard matrix, the baselines first.
     pub fn all() -> Vec<Method> {
         vec![
             Method::EagerRaw,
             Method::EagerOptimized,
             Method::LazyRaw,
-            Method::Ckptfs,
-            Method::CkptfsLs,
-            Method::CkptfsLsZero,
+            Method::CKPTFS,
+            Method::CKPTFS_LS,
+            Method::Ckptfs(CkptfsOpts {
+                loading_set: true,
+                zero_ranges: true,
+                readahead_kb: None,
+            }),
             Method::Warm,
         ]
     }
 
-    /// The method labelled `s`.
+    /// The method labelled `s` (`ckptfs-ls-ra4`, `eager-raw`, ...).
     pub fn parse(s: &str) -> Result<Method> {
-        Method::all()
-            .into_iter()
-            .find(|m| m.label() == s)
-            .with_context(|| format!("unknown method {s:?}"))
-    }
-
-    /// Uses the loading set.
-    pub fn uses_loading_set(self) -> bool {
-        matches!(self, Method::CkptfsLs | Method::CkptfsLsZero)
+        if let Some(m) = [
+            Method::EagerRaw,
+            Method::EagerOptimized,
+            Method::LazyRaw,
+            Method::Warm,
+        ]
+        .into_iter()
+        .find(|m| m.label() == s)
+        {
+            return Ok(m);
+        }
+        let rest = s
+            .strip_prefix("ckptfs")
+            .with_context(|| format!("unknown method {s:?}"))?;
+        let mut o = CkptfsOpts::default();
+        for part in rest.split('-').filter(|p| !p.is_empty()) {
+            match part {
+                "ls" => o.loading_set = true,
+                "zero" => o.zero_ranges = true,
+                p => {
+                    let kb = p
+                        .strip_prefix("ra")
+                        .and_then(|n| n.parse().ok())
+                        .with_context(|| format!("unknown part {p:?} of method {s:?}"))?;
+                    o.readahead_kb = Some(kb);
+                }
+            }
+        }
+        Ok(Method::Ckptfs(o))
     }
 }
 
@@ -272,10 +326,8 @@ struct Mount {
 enum MountMode {
     /// Record the loading set (window in seconds).
     Record(f64),
-    /// Serve with the loading set, returning once it is in the page cache.
-    WithLoadingSet,
-    /// Serve without a loading set.
-    Plain,
+    /// Serve as a ckptfs method asks.
+    Serve(CkptfsOpts),
 }
 
 impl Mount {
@@ -290,11 +342,15 @@ impl Mount {
                     .arg("--loading-set-window")
                     .arg(window.to_string());
             }
-            MountMode::WithLoadingSet => {
-                cmd.arg("--wait-loading-set");
-            }
-            MountMode::Plain => {
-                cmd.arg("--no-loading-set");
+            MountMode::Serve(o) => {
+                cmd.arg(if o.loading_set {
+                    "--wait-loading-set"
+                } else {
+                    "--no-loading-set"
+                });
+                if let Some(kb) = o.readahead_kb {
+                    cmd.arg("--readahead-kb").arg(kb.to_string());
+                }
             }
         }
         run_status(&mut cmd)?;
@@ -391,18 +447,13 @@ pub fn restore(
                 .arg("--state")
                 .arg(vm.path("state.bin"));
         }
-        Method::Ckptfs | Method::CkptfsLs | Method::CkptfsLsZero => {
-            let mode = if method.uses_loading_set() {
-                MountMode::WithLoadingSet
-            } else {
-                MountMode::Plain
-            };
-            let m = Mount::new(tools, vm, mode)?;
+        Method::Ckptfs(o) => {
+            let m = Mount::new(tools, vm, MountMode::Serve(o))?;
             cmd.arg("--mem-file")
                 .arg(m.point.join("memory"))
                 .arg("--state")
                 .arg(m.point.join("vmm-state"));
-            if method == Method::CkptfsLsZero {
+            if o.zero_ranges {
                 cmd.arg("--zero-ranges").arg(m.point.join("zero-ranges"));
             }
             mount = Some(m);
@@ -428,7 +479,7 @@ pub fn restore(
         workload: vm.workload.clone(),
         mib: vm.mib,
         tier: tier.to_owned(),
-        method: method.label().to_owned(),
+        method: method.label(),
         rep,
         seed,
         first_response_ms: times.first().map_or(f64::NAN, |&t| t as f64 / 1e6),
@@ -541,4 +592,20 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_parse_back() {
+        for m in Method::all() {
+            assert_eq!(Method::parse(&m.label()).unwrap(), m);
+        }
+        let m = Method::parse("ckptfs-ls-ra4").unwrap();
+        assert_eq!(m.label(), "ckptfs-ls-ra4");
+        assert!(Method::parse("ckptfs-fast").is_err());
+        assert!(Method::parse("lazy").is_err());
+    }
 }
