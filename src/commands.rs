@@ -56,16 +56,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve a checkpoint's guest RAM as a FUSE file (runs ckptfs-mountd).
-    #[command(trailing_var_arg = true)]
+    /// Serve a checkpoint's guest RAM as a FUSE file: `ckptfs mount VM.ckpt MOUNTPOINT
+    /// [options]`, options anywhere (runs ckptfs-mountd; `ckptfs mount --help` lists them).
+    #[command(disable_help_flag = true)]
     Mount {
-        /// The checkpoint.
-        checkpoint: PathBuf,
-        /// Where to mount.
-        mountpoint: PathBuf,
-        /// Further ckptfs-mountd options (--foreground, --prefetch, --cache-mb, ...).
-        #[arg(allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// VM.ckpt MOUNTPOINT and ckptfs-mountd's options, in any order.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -85,11 +82,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             mem,
             json,
         } => verify_cmd(&checkpoint, mem.as_deref(), json),
-        Command::Mount {
-            checkpoint,
-            mountpoint,
-            args,
-        } => mount(&checkpoint, &mountpoint, &args),
+        Command::Mount { args } => mount(&args),
     }
 }
 
@@ -302,6 +295,8 @@ fn print_report(path: &Path, r: &VerifyReport) {
 }
 
 /// Find `ckptfs-mountd` next to this executable, else on PATH.
+/// The daemon: beside this executable (cargo builds both into one folder),
+/// else on PATH.
 fn mountd_path() -> PathBuf {
     let sibling = std::env::current_exe()
         .ok()
@@ -311,16 +306,14 @@ fn mountd_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("ckptfs-mountd"))
 }
 
-fn mount(ckpt: &Path, mountpoint: &Path, args: &[String]) -> Result<ExitCode> {
+/// Exec ckptfs-mountd with the arguments as given: it parses them (options go
+/// anywhere, as in every clap and mount(8) tool).
+fn mount(args: &[std::ffi::OsString]) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let daemon = mountd_path();
-    let err = std::process::Command::new(&daemon)
-        .arg(ckpt)
-        .arg(mountpoint)
-        .args(args)
-        .exec();
+    let err = std::process::Command::new(&daemon).args(args).exec();
     bail!(
-        "running {}: {err} (is ckptfs-mountd built and installed?)",
+        "cannot run {}: {err}; build it beside ckptfs with `cargo build --release` or install it with `cargo install --path mountd`",
         daemon.display()
     )
 }

@@ -39,11 +39,12 @@ fn mount_serves_memory_and_unmounts() {
     ckptfs::create(&f.mem, &opts, &f.ckpt).unwrap();
     let point = f.dir.path().join("mnt");
     std::fs::create_dir(&point).unwrap();
+    // Options go anywhere, before the positionals too.
     let st = Command::new(env!("CARGO_BIN_EXE_ckptfs"))
-        .arg("mount")
+        .args(["mount", "--prefetch", "none"])
         .arg(&f.ckpt)
+        .arg("--cache-mb=16")
         .arg(&point)
-        .args(["--prefetch", "none"])
         .status()
         .unwrap();
     assert!(
@@ -68,6 +69,24 @@ fn mount_serves_memory_and_unmounts() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     panic!("{} still mounted after fusermount3 -u", point.display());
+}
+
+#[test]
+fn mount_help_lists_the_daemon_options() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ckptfs"))
+        .args(["mount", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--wait-loading-set",
+        "--record-loading-set",
+        "--prefetch",
+        "--foreground",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from: {help}");
+    }
 }
 
 #[test]
