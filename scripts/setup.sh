@@ -2,7 +2,8 @@
 # Installs what ckptfs needs on a fresh Debian machine of this project's kind:
 # fuse3 (fusermount3, for mounts and unmounts), fio (filesystem tests and the
 # fio benchmark), binutils (objcopy, for vmm-lite's guest) and DejaVu fonts
-# (labels of the benchmark plots). Idempotent.
+# (labels of the benchmark plots); then scripts/setup-qemu.sh (QEMU, busybox and
+# a Debian kernel for the real-Linux-guest test). Idempotent.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -20,3 +21,4 @@ for dev in /dev/fuse /dev/kvm; do
     exit 1
   fi
 done
+"$(dirname "$0")/setup-qemu.sh"
