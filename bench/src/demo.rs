@@ -36,6 +36,7 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
         Method::LazyRaw,
         Method::CKPTFS,
         Method::CKPTFS_LS,
+        Method::CKPTFS_LS_ZERO,
         Method::Warm,
     ];
     let mut runs: Vec<Measured> = Vec::new();

@@ -41,6 +41,8 @@ pub struct CkptfsOpts {
     pub zero_ranges: bool,
     /// The mount's read-around (`--readahead-kb`), if not the default.
     pub readahead_kb: Option<u32>,
+    /// Start the VM at once while the loading set streams in (no `--wait-loading-set`).
+    pub no_wait: bool,
 }
 
 impl Method {
@@ -59,6 +61,9 @@ impl Method {
                 if o.zero_ranges {
                     s.push_str("-zero");
                 }
+                if o.no_wait {
+                    s.push_str("-nowait");
+                }
                 if let Some(kb) = o.readahead_kb {
                     s.push_str(&format!("-ra{kb}"));
                 }
@@ -72,12 +77,22 @@ impl Method {
         loading_set: false,
         zero_ranges: false,
         readahead_kb: None,
+        no_wait: false,
     });
     /// ckptfs with the loading set.
     pub const CKPTFS_LS: Method = Method::Ckptfs(CkptfsOpts {
         loading_set: true,
         zero_ranges: false,
         readahead_kb: None,
+        no_wait: false,
+    });
+
+    /// ckptfs with the loading set, zero ranges mapped anonymous.
+    pub const CKPTFS_LS_ZERO: Method = Method::Ckptfs(CkptfsOpts {
+        loading_set: true,
+        zero_ranges: true,
+        readahead_kb: None,
+        no_wait: false,
     });
 
     /// Every method of the standard matrix, the baselines first.
@@ -88,11 +103,7 @@ impl Method {
             Method::LazyRaw,
             Method::CKPTFS,
             Method::CKPTFS_LS,
-            Method::Ckptfs(CkptfsOpts {
-                loading_set: true,
-                zero_ranges: true,
-                readahead_kb: None,
-            }),
+            Method::CKPTFS_LS_ZERO,
             Method::Warm,
         ]
     }
@@ -118,6 +129,7 @@ impl Method {
             match part {
                 "ls" => o.loading_set = true,
                 "zero" => o.zero_ranges = true,
+                "nowait" => o.no_wait = true,
                 p => {
                     let kb = p
                         .strip_prefix("ra")
@@ -343,11 +355,11 @@ impl Mount {
                     .arg(window.to_string());
             }
             MountMode::Serve(o) => {
-                cmd.arg(if o.loading_set {
-                    "--wait-loading-set"
-                } else {
-                    "--no-loading-set"
-                });
+                match (o.loading_set, o.no_wait) {
+                    (false, _) => cmd.arg("--no-loading-set"),
+                    (true, false) => cmd.arg("--wait-loading-set"),
+                    (true, true) => &mut cmd,
+                };
                 if let Some(kb) = o.readahead_kb {
                     cmd.arg("--readahead-kb").arg(kb.to_string());
                 }
@@ -605,6 +617,8 @@ mod tests {
         }
         let m = Method::parse("ckptfs-ls-ra4").unwrap();
         assert_eq!(m.label(), "ckptfs-ls-ra4");
+        let m = Method::parse("ckptfs-ls-nowait").unwrap();
+        assert_eq!(m.label(), "ckptfs-ls-nowait");
         assert!(Method::parse("ckptfs-fast").is_err());
         assert!(Method::parse("lazy").is_err());
     }

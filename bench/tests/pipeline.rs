@@ -47,6 +47,7 @@ fn check(workload: &str) {
             "lazy-raw",
             "ckptfs",
             "ckptfs-ls",
+            "ckptfs-ls-zero",
             "warm"
         ]
     );
