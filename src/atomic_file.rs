@@ -17,6 +17,61 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Temporary files being written right now (absolute paths), removed by
+/// [`remove_pending`] when the process is interrupted.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remove every temporary file not yet committed (from a signal-handling
+/// thread, before exiting on SIGINT/SIGTERM: destructors do not run then).
+pub fn remove_pending() {
+    remove_pending_under(Path::new("/"));
+}
+
+fn remove_pending_under(dir: &Path) {
+    pending().retain(|p| {
+        if !p.starts_with(dir) {
+            return true;
+        }
+        let _ = std::fs::remove_file(p);
+        false
+    });
+}
+
+/// Block SIGINT, SIGTERM and SIGHUP in this thread and every thread started
+/// after it, and start a thread that takes them: it removes the pending
+/// temporary files and exits with 128 + the signal number, as the shell would.
+/// Call it first thing in `main`, before any other thread exists.
+pub fn clean_up_on_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset;
+    // pthread_sigmask only reads it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is an initialised sigset_t, `sig` a valid out-pointer.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            remove_pending();
+            std::process::exit(128 + sig);
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the signal thread: {e}");
+    }
+}
 
 /// A file being written; it appears at its target path only on [`commit`](Self::commit).
 #[derive(Debug)]
@@ -96,6 +151,9 @@ impl AtomicFile {
         })?;
         // SAFETY: `fd` was just created by openat and is owned only here.
         let file = unsafe { File::from_raw_fd(fd) };
+        if let Ok(abs) = std::path::absolute(parent.join(OsStr::from_bytes(&tmp))) {
+            pending().push(abs);
+        }
         Ok(AtomicFile {
             dir,
             tmp_name,
@@ -141,6 +199,7 @@ impl AtomicFile {
             self.unlink();
             return Err(e);
         }
+        self.forget_pending();
         self.tmp_name = CString::default();
         // fsync of the directory makes the rename durable; an O_PATH descriptor
         // cannot be fsynced, so open the directory itself (best effort).
@@ -150,10 +209,16 @@ impl AtomicFile {
         Ok(())
     }
 
+    fn forget_pending(&self) {
+        let name = OsStr::from_bytes(self.tmp_name.as_bytes());
+        pending().retain(|p| p.file_name() != Some(name));
+    }
+
     fn unlink(&self) {
         if self.tmp_name.as_bytes().is_empty() {
             return;
         }
+        self.forget_pending();
         // SAFETY: a valid name relative to an open directory descriptor.
         unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.tmp_name.as_ptr(), 0) };
     }
@@ -233,6 +298,27 @@ mod tests {
         drop(b);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
         assert!(!target.exists());
+    }
+
+    #[test]
+    fn pending_temp_files_are_removed_on_request() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = AtomicFile::create(&d.path().join("a"), 0o600).unwrap();
+        a.file().write_all(b"half").unwrap();
+        let tmp = d.path().join(a.temp_name());
+        assert!(tmp.exists());
+        // Only this test's directory: other tests write files in parallel.
+        let dir = std::path::absolute(d.path()).unwrap();
+        remove_pending_under(&dir);
+        assert!(!tmp.exists(), "an interrupted write leaves no temp file");
+        std::mem::forget(a); // as if the process died here
+        let b = AtomicFile::create(&d.path().join("b"), 0o600).unwrap();
+        b.commit().unwrap();
+        remove_pending_under(&dir);
+        assert!(
+            d.path().join("b").exists(),
+            "a committed file is not pending"
+        );
     }
 
     #[test]

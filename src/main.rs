@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Ctrl-C during `create` must not leave a half-written hidden temp file.
+    ckptfs::atomic_file::clean_up_on_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
