@@ -29,7 +29,8 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
     let ins = ckptfs::verify::inspect(&ck);
     drop((ck, raw));
     eprintln!("demo: checkpoint verified; recording the loading set (another request seed)");
-    let loadset = restore::record_loading_set(&tools, &vm, 2.0 * duration)?;
+    let mut loadset = restore::record_loading_set(&tools, &vm, 2.0 * duration)?;
+    (loadset.measured_touched, loadset.coverage) = restore::coverage(&tools, &vm, 1, duration)?;
     let methods = [
         Method::EagerRaw,
         Method::EagerOptimized,
@@ -91,9 +92,14 @@ fn print_table(
         (ins.guest_bytes.saturating_sub(ins.checkpoint_bytes)) as f64 / 1048576.0
     );
     println!(
-        "  loading set: {} pages ({:.1} MiB stored) first touched by a recorded restore with another request seed",
+        "  loading set: {} pages ({:.1} MiB stored) first touched by a recorded restore with another request seed;",
         loadset.pages,
         loadset.data_bytes as f64 / 1048576.0
+    );
+    println!(
+        "  it holds {:.1} % of the {} pages the measured restores touch",
+        100.0 * loadset.coverage,
+        loadset.measured_touched
     );
     println!();
     println!(

@@ -56,7 +56,9 @@ pub fn run(m: &Matrix, dir: &Path, out: &Path) -> Result<()> {
         for workload in &m.workloads {
             let vm = restore::prepare(&tools, dir, workload, mib, &m.run_args)?;
             eprintln!("bench: {workload} {mib} MiB: recording the loading set");
-            let loadset = restore::record_loading_set(&tools, &vm, m.window)?;
+            let mut loadset = restore::record_loading_set(&tools, &vm, m.window)?;
+            (loadset.measured_touched, loadset.coverage) =
+                restore::coverage(&tools, &vm, 1, m.duration)?;
             let local_mbps = tier::cold_read_mbps(&vm.path("mem.raw"))?;
             for &tier in &m.tiers {
                 let runs = run_tier(&tools, m, &vm, tier)?;

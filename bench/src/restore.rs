@@ -541,6 +541,10 @@ pub struct LoadingSetInfo {
     pub runs: u64,
     /// Recording window, seconds.
     pub window_seconds: f64,
+    /// Pages a measured restore (seed 1) touched before its CHECK.
+    pub measured_touched: u64,
+    /// Fraction of those in the loading set.
+    pub coverage: f64,
 }
 
 /// Record the loading set: one restore (seed [`RECORD_SEED`]) through a
@@ -563,7 +567,43 @@ pub fn record_loading_set(tools: &Tools, vm: &Vm, window_s: f64) -> Result<Loadi
         data_bytes: set.data_bytes(),
         runs: set.runs().len() as u64,
         window_seconds: window_s,
+        measured_touched: 0,
+        coverage: f64::NAN,
     })
+}
+
+/// How much of a restore's first-touch set the loading set covered: one
+/// lazy restore of the raw dump with request seed `seed` lists the pages it
+/// touched before its final CHECK (`--touched-out`); returns (touched pages,
+/// fraction of them in the loading set).
+pub fn coverage(tools: &Tools, vm: &Vm, seed: u64, duration_s: f64) -> Result<(u64, f64)> {
+    let out = vm.path("touched.txt");
+    let mut cmd = restore_cmd(tools, vm, duration_s, seed);
+    cmd.arg("--mem-file")
+        .arg(vm.path("mem.raw"))
+        .arg("--state")
+        .arg(vm.path("state.bin"))
+        .arg("--touched-out")
+        .arg(&out);
+    run_json(&mut cmd)?;
+    let ck = ckptfs::Checkpoint::open(&vm.path("vm.ckpt"))?;
+    let pages = ck.page_count();
+    let text = std::fs::read_to_string(&out)?;
+    let touched = ckptfs::source::parse_zero_ranges(&text, pages)
+        .with_context(|| format!("touched pages in {}", out.display()))?;
+    let set = ckptfs::loadset::LoadingSet::open(&vm.path("vm.ckpt.ls"), &ck)?;
+    let mut in_set = vec![false; pages as usize];
+    for r in set.runs() {
+        let end = r.first_page + u64::from(r.pages);
+        in_set[r.first_page as usize..end as usize].fill(true);
+    }
+    let total: u64 = touched.iter().map(|r| r.end - r.start).sum();
+    let covered: u64 = touched
+        .iter()
+        .flat_map(|r| r.clone())
+        .filter(|&p| in_set[p as usize])
+        .count() as u64;
+    Ok((total, covered as f64 / total.max(1) as f64))
 }
 
 /// Fill in TTRs and work lags against the warm runs of the same tier: TTR
