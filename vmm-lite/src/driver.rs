@@ -48,6 +48,8 @@ pub struct PlanDriver {
     origin: Instant,
     keep_timeline: bool,
     pure: bool,
+    pause_before_check: bool,
+    paused_before_check: bool,
     first_request: Option<Instant>,
     issued: Option<(u32, Instant)>,
     work_done: u64,
@@ -66,6 +68,8 @@ impl PlanDriver {
             origin,
             keep_timeline,
             pure: false,
+            pause_before_check: false,
+            paused_before_check: false,
             first_request: None,
             issued: None,
             work_done: 0,
@@ -80,6 +84,23 @@ impl PlanDriver {
     pub fn pure(mut self, pure: bool) -> Self {
         self.pure = pure;
         self
+    }
+
+    /// Also pause once after the last WORK (or READ) response, before the CHECK is handed
+    /// out, so the caller can look at the VM as the requests left it; running the machine
+    /// again then issues the CHECK. A plan without work ([`Self::plans_work`]) does not
+    /// pause there.
+    pub fn pause_before_check(mut self, pause: bool) -> Self {
+        self.pause_before_check = pause;
+        self
+    }
+
+    /// Whether the plan has any WORK (or READ) requests before its CHECK.
+    pub fn plans_work(&self) -> bool {
+        match self.limit {
+            WorkLimit::Count(n) => n > 0,
+            WorkLimit::For(d) => !d.is_zero(),
+        }
     }
 
     fn work_request(&self) -> u32 {
@@ -138,7 +159,14 @@ impl Driver for PlanDriver {
     fn next_request(&mut self) -> u32 {
         let now = Instant::now();
         self.first_request.get_or_insert(now);
-        let code = if self.more_work(now) {
+        // When pausing before the CHECK, completed() alone decides when the work ends (a
+        // duration could run out between its pause and this call).
+        let work = if self.pause_before_check && self.plans_work() {
+            !self.paused_before_check
+        } else {
+            self.more_work(now)
+        };
+        let code = if work {
             self.work_request()
         } else {
             abi::REQ_CHECK
@@ -177,6 +205,10 @@ impl Driver for PlanDriver {
         }
         self.latencies_ns.push(latency_ns);
         self.work_done += 1;
+        if self.pause_before_check && !self.paused_before_check && !self.more_work(now) {
+            self.paused_before_check = true;
+            return false;
+        }
         true
     }
 }
@@ -238,6 +270,23 @@ mod tests {
         assert_eq!(d.next_request(), abi::REQ_READ | 1 << abi::REQ_ARG_SHIFT);
         assert!(d.completed(1));
         assert_eq!(d.next_request(), abi::REQ_CHECK);
+    }
+
+    #[test]
+    fn plan_can_pause_before_its_check() {
+        let mut d = PlanDriver::new(WorkLimit::Count(2), Instant::now(), false)
+            .pure(true)
+            .pause_before_check(true);
+        assert!(d.plans_work());
+        d.next_request();
+        assert!(d.completed(1));
+        d.next_request();
+        assert!(!d.completed(1), "pauses after the last READ");
+        assert_eq!(d.check(), None);
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
+        assert!(!d.completed(7));
+        assert_eq!(d.check(), Some(7));
+        assert!(!PlanDriver::new(WorkLimit::Count(0), Instant::now(), false).plans_work());
     }
 
     #[test]
