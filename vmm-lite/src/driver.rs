@@ -51,6 +51,7 @@ pub struct PlanDriver {
     pause_before_check: bool,
     paused_before_check: bool,
     first_request: Option<Instant>,
+    last_work: Option<Instant>,
     issued: Option<(u32, Instant)>,
     work_done: u64,
     completions: Vec<Completion>,
@@ -71,6 +72,7 @@ impl PlanDriver {
             pause_before_check: false,
             paused_before_check: false,
             first_request: None,
+            last_work: None,
             issued: None,
             work_done: 0,
             completions: Vec::new(),
@@ -122,6 +124,11 @@ impl PlanDriver {
     /// When the guest first asked for a request (it had finished booting).
     pub fn first_request(&self) -> Option<Instant> {
         self.first_request
+    }
+
+    /// When the last WORK (or READ) response came.
+    pub fn last_work(&self) -> Option<Instant> {
+        self.last_work
     }
 
     /// The CHECK response, once the plan has run.
@@ -205,6 +212,7 @@ impl Driver for PlanDriver {
         }
         self.latencies_ns.push(latency_ns);
         self.work_done += 1;
+        self.last_work = Some(now);
         if self.pause_before_check && !self.paused_before_check && !self.more_work(now) {
             self.paused_before_check = true;
             return false;

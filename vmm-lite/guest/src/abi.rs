@@ -45,6 +45,10 @@ pub const IMAGE_MAX: u64 = 0x8_0000;
 pub const STACK_TOP: u64 = 0x20_0000;
 /// First byte of the memory the workload manages.
 pub const HEAP_ADDR: u64 = 0x20_0000;
+/// The local APIC's default base: KVM here turns guest accesses to this page into MMIO exits
+/// even without an in-kernel irqchip, so RAM there is not usable by the guest (only the
+/// desktop workload would reach it; it keeps its segments below).
+pub const APIC_HOLE_ADDR: u64 = 0xfee0_0000;
 /// Smallest guest RAM size.
 pub const MIN_MEM: u64 = 4 << 20;
 /// Largest guest RAM size (what the page tables map).

@@ -118,9 +118,11 @@ fn item_key(k: u64, sk: u64) -> u64 {
 }
 
 impl Desktop {
-    /// Lays out `heap_pages` pages (a multiple of the segment size) for `params`.
+    /// Lays out `heap_pages` pages (a multiple of the segment size) for `params`. Segments
+    /// from the APIC page up ([`abi::APIC_HOLE_ADDR`], in 4 GiB guests) stay free.
     pub fn new(params: &DesktopParams, heap_pages: u64, disk_pages: u64) -> Self {
-        let segs = heap_pages / SEG;
+        let below_apic = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE / SEG;
+        let segs = (heap_pages / SEG).min(below_apic);
         let cache_pct = params.cache_pct.min(100);
         let anon_pct = params.anon_pct.min(100 - cache_pct);
         let seg_cache = match segs {
