@@ -22,6 +22,13 @@
 //!   [`SESSION_VARY_PER_1024`]/1024 of the runs and singles are replaced by session-specific
 //!   ones (`key` = the index for the others), so two sessions share ~92 % of the working set.
 //!
+//! The sequence of accesses does not depend on the session (the READ stream's PRNG seed is
+//! the checkpointed state and the request number, as for session 0 of the other workloads):
+//! a resumed desktop redraws the same windows in the same order whoever uses it. What
+//! differs is the items replaced and which page each cold access touches. So a session
+//! touches, request by request, nearly the pages another session touched: a recording of one
+//! covers ~90 % of another's first touches, whatever the RAM size and the session length.
+//!
 //! An access starts as: a cold page with probability `cold_permille`/1000 (applied in 1024ths;
 //! uniform over used pages, so the VM keeps touching new pages slowly); else, one time in
 //! two, a file read (up to [`FILE_READ_PAGES`] consecutive pages of one run, read one per
@@ -227,8 +234,9 @@ impl Desktop {
         }
         let r = xorshift(rng);
         if r >> 54 < self.cold_per_1024 {
-            let seg = below(r, self.segs);
-            return seg * SEG + below(r << 20, self.seg_cache + self.seg_anon);
+            // Which page a cold access touches depends on the session.
+            let c = spread(r ^ sk);
+            return below(c, self.segs) * SEG + below(c << 20, self.seg_cache + self.seg_anon);
         }
         if r & self.file_mask == self.file_want {
             let key = item_key(below(r << 24, self.runs), sk);

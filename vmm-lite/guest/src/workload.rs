@@ -275,7 +275,10 @@ impl State {
         if self.cache_pages + self.anon_pages == 0 {
             return 0;
         }
-        let mut rng = mix(self.rng ^ u64::from(arg) ^ session.salt) | 1;
+        // The desktop's session changes what it touches, not the order of its accesses
+        // (desktop.rs); the other workloads draw a whole new stream per session.
+        let salt = if self.is_desktop() { 0 } else { session.salt };
+        let mut rng = mix(self.rng ^ u64::from(arg) ^ salt) | 1;
         self.read_pages(&mut rng, u64::from(arg), session) & 0xffff_ffff
     }
 
