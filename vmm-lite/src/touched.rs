@@ -5,9 +5,10 @@
 //! accesses in through the same host mapping, and so do the VMM's own reads of guest RAM.
 //!
 //! Counted as is, that would overstate the guest's accesses in two ways:
-//! - a read fault on a file mapping also maps up to 16 neighbouring pages that happen to be
-//!   in the page cache ("fault-around", mm/memory.c `do_fault_around`), and a freshly
-//!   written raw dump or a ckptfs mount with a warm cache has all of them there;
+//! - a read fault on a file mapping also maps neighbouring pages that happen to be in the
+//!   page cache ("fault-around", mm/memory.c `do_fault_around`; 256 pages per fault measured
+//!   here on a cached file), and a freshly written raw dump or a ckptfs mount with a warm
+//!   cache has all of them there;
 //! - ext4 (and other file systems with large folios) may cache a file in 2 MiB folios, and a
 //!   read fault then maps the whole folio with one PMD (`do_set_pmd`): 512 pages at a time.
 //!

@@ -81,8 +81,7 @@ pub const REQ_READ: u32 = 4;
 pub const REQ_ARG_SHIFT: u32 = 8;
 /// Flag in the code byte of a request word: the VMM has put a new session seed in the boot
 /// info ([`BOOT_SESSION_OFFSET`]). It sets it on the first request after a restore; the
-/// guest then reads the seed once and keeps it (reading the boot info page at every request
-/// would add a page to each request's footprint, about 20 µs on this emulated CPU).
+/// guest then reads the seed once and keeps it, instead of loading it at every request.
 pub const REQ_NEW_SESSION: u32 = 0x80;
 /// Mask of the code in a request word.
 pub const REQ_CODE_MASK: u32 = REQ_NEW_SESSION - 1;
