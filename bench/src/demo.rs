@@ -40,12 +40,19 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
         Method::CKPTFS_LS_ZERO,
         Method::Warm,
     ];
+    let group = crate::tier::Throttle::start(&vm.dir, None)?;
     let mut runs: Vec<Measured> = Vec::new();
     for method in methods {
         eprintln!("demo: restoring with {}", method.label());
-        runs.push(restore::restore(
-            &tools, &vm, method, 0, 1, duration, "local",
-        )?);
+        let trial = restore::Trial {
+            method,
+            rep: 0,
+            seed: 1,
+            duration_s: duration,
+            tier: "local",
+            group: &group,
+        };
+        runs.push(restore::restore(&tools, &vm, &trial)?);
     }
     restore::score(&mut runs);
     let all_ok = runs.iter().all(|m| m.check_ok);

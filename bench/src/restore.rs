@@ -43,6 +43,8 @@ pub struct CkptfsOpts {
     pub readahead_kb: Option<u32>,
     /// Start the VM at once while the loading set streams in (no `--wait-loading-set`).
     pub no_wait: bool,
+    /// The mount's `--prefetch` policy, if not the default (`all`).
+    pub prefetch: Option<&'static str>,
 }
 
 impl Method {
@@ -67,6 +69,9 @@ impl Method {
                 if let Some(kb) = o.readahead_kb {
                     s.push_str(&format!("-ra{kb}"));
                 }
+                if let Some(p) = o.prefetch {
+                    s.push_str(&format!("-p{p}"));
+                }
                 s
             }
         }
@@ -78,6 +83,7 @@ impl Method {
         zero_ranges: false,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
     /// ckptfs with the loading set.
     pub const CKPTFS_LS: Method = Method::Ckptfs(CkptfsOpts {
@@ -85,6 +91,7 @@ impl Method {
         zero_ranges: false,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
 
     /// ckptfs with the loading set, zero ranges mapped anonymous.
@@ -93,6 +100,7 @@ impl Method {
         zero_ranges: true,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
 
     /// Every method of the standard matrix, the baselines first.
@@ -130,6 +138,9 @@ impl Method {
                 "ls" => o.loading_set = true,
                 "zero" => o.zero_ranges = true,
                 "nowait" => o.no_wait = true,
+                "pnone" => o.prefetch = Some("none"),
+                "preadahead" => o.prefetch = Some("readahead"),
+                "pall" => o.prefetch = Some("all"),
                 p => {
                     let kb = p
                         .strip_prefix("ra")
@@ -279,15 +290,6 @@ pub fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches (needs root)")
 }
 
-/// KiB read from block devices so far (/proc/vmstat pgpgin).
-fn pgpgin_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("pgpgin "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// What one restore measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Measured {
@@ -310,7 +312,7 @@ pub struct Measured {
     pub first_response_ms: f64,
     /// Every page resident (eager: when memory was loaded; ckptfs: when the background fetch finished), ms.
     pub resident_ms: Option<f64>,
-    /// Bytes read from block devices during the restore.
+    /// Bytes the restore's processes read from the disk (their blkio group's count).
     pub storage_bytes: u64,
     /// The restored VM's final CHECK equals the checkpointed one.
     pub check_ok: bool,
@@ -362,6 +364,9 @@ impl Mount {
                 };
                 if let Some(kb) = o.readahead_kb {
                     cmd.arg("--readahead-kb").arg(kb.to_string());
+                }
+                if let Some(p) = o.prefetch {
+                    cmd.arg("--prefetch").arg(p);
                 }
             }
         }
@@ -420,16 +425,26 @@ fn restore_cmd(tools: &Tools, vm: &Vm, duration_s: f64, seed: u64) -> Command {
     cmd
 }
 
-/// Restore `vm` with `method` (request seed `seed`) and measure it.
-pub fn restore(
-    tools: &Tools,
-    vm: &Vm,
-    method: Method,
-    rep: usize,
-    seed: u64,
-    duration_s: f64,
-    tier: &str,
-) -> Result<Measured> {
+/// One restore to run.
+pub struct Trial<'a> {
+    /// How.
+    pub method: Method,
+    /// Repetition number.
+    pub rep: usize,
+    /// Request seed.
+    pub seed: u64,
+    /// Seconds the VM serves requests.
+    pub duration_s: f64,
+    /// Storage tier label.
+    pub tier: &'a str,
+    /// The blkio group the restore runs in (counts its reads).
+    pub group: &'a crate::tier::Throttle,
+}
+
+/// Restore `vm` as `t` says and measure it.
+pub fn restore(tools: &Tools, vm: &Vm, t: &Trial) -> Result<Measured> {
+    let (method, rep, seed, duration_s, tier, group) =
+        (t.method, t.rep, t.seed, t.duration_s, t.tier, t.group);
     if method == Method::Warm {
         // Make the raw dump resident in the page cache.
         std::fs::read(vm.path("mem.raw")).map(drop)?;
@@ -437,7 +452,7 @@ pub fn restore(
         drop_caches()?;
     }
     let timeline = vm.path("timeline.jsonl");
-    let pgpgin = pgpgin_kib();
+    let read_before = group.read_bytes();
     let start = Instant::now();
     let mut cmd = restore_cmd(tools, vm, duration_s, seed);
     cmd.arg("--timeline").arg(&timeline);
@@ -474,7 +489,7 @@ pub fn restore(
     let launched = start.elapsed().as_nanos() as u64;
     let report = run_json(&mut cmd)?;
     let stats = mount.as_ref().and_then(|m| m.stats().ok());
-    let storage_bytes_before_unmount = (pgpgin_kib() - pgpgin) * 1024;
+    let storage_bytes_before_unmount = group.read_bytes() - read_before;
     drop(mount);
     let mut times = read_timeline(&timeline, launched)?;
     times.sort_unstable();
@@ -659,6 +674,8 @@ mod tests {
         assert_eq!(m.label(), "ckptfs-ls-ra4");
         let m = Method::parse("ckptfs-ls-nowait").unwrap();
         assert_eq!(m.label(), "ckptfs-ls-nowait");
+        let m = Method::parse("ckptfs-ls-ra16-pnone").unwrap();
+        assert_eq!(m.label(), "ckptfs-ls-ra16-pnone");
         assert!(Method::parse("ckptfs-fast").is_err());
         assert!(Method::parse("lazy").is_err());
     }
