@@ -48,6 +48,9 @@ pub mod checkpoint;
 pub mod create;
 pub mod disk;
 pub mod format;
+pub mod input;
+pub mod memory;
+pub mod scan;
 pub mod source;
 pub mod synth;
 pub mod types;
@@ -56,6 +59,9 @@ pub mod verify;
 pub use checkpoint::{
     Checkpoint, OpenError, OpenOptions, PageEntry, PageSource, ReadCounts, ReadError,
 };
-pub use create::{CreateError, CreateOptions, DiskHint, MemoryImage, Summary, create};
+pub use create::{CreateError, CreateOptions, DiskHint, Summary, create};
+pub use memory::MemoryImage;
 pub use source::{MemReader, PageReader};
-pub use types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex};
+pub use types::{
+    AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex, ParentIndex, SECTOR_SIZE,
+};

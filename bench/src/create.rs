@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use ckptfs::synth::{self, Mix};
-use ckptfs::{CreateOptions, DiskHint, DiskIndex, DiskOffset, MemoryImage, PageIndex};
+use ckptfs::{CreateOptions, MemoryImage};
 
 /// One measured configuration.
 #[derive(Debug, serde::Serialize)]
@@ -64,18 +64,7 @@ pub fn run(dir: &Path, guest_mib: u64, disk_mib: u64) -> Result<Vec<CreateResult
     let mem_path = dir.join("mem.raw");
     std::fs::write(&mem_path, synth::memory_image(&plan, &disk_data, 1))?;
     drop(disk_data);
-    let hints: Vec<DiskHint> = plan
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| match p {
-            synth::Planted::Disk(b) => Some(DiskHint {
-                page: PageIndex(i as u64),
-                disk: DiskIndex(0),
-                offset: DiskOffset(b * 4096),
-            }),
-            _ => None,
-        })
-        .collect();
+    let hints = synth::hints(&plan);
     let image = MemoryImage::open(&mem_path)?;
     let mem = image.bytes();
     let base = baseline(mem);
