@@ -333,3 +333,78 @@ fn verify_against_a_different_dump_names_differing_pages() {
     assert_eq!(r["bad_pages"], 1);
     assert_eq!(r["first_bad"][0]["page"], 77);
 }
+
+#[test]
+fn create_with_a_parent_and_inspect_shows_parents_and_kinds() {
+    let f = fixture(256, 64, 41);
+    created(&f);
+    let mut mem = f.mem.clone();
+    mem[3 * 4096] ^= 0xff;
+    let child_mem = f.dir.path().join("child.raw");
+    std::fs::write(&child_mem, &mem).unwrap();
+    let child = f.dir.path().join("child.ckpt");
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&child_mem),
+        "--parent",
+        s(&f.ckpt),
+        "-o",
+        s(&child),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (zero, ..) = expected_counts(&f.plan);
+    let changed_nonzero = u64::from(f.plan[3] != Planted::Zero);
+    assert_eq!(sum["parent_pages"], 256 - zero - changed_nonzero);
+    let out = ckptfs(&["inspect", s(&child), "--json"]);
+    assert!(out.status.success());
+    let ins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ins["parent_pages"], sum["parent_pages"]);
+    assert_eq!(ins["parents"][0]["pages"], sum["parent_pages"]);
+    let parent_abs = std::path::absolute(&f.ckpt).unwrap();
+    assert_eq!(ins["parents"][0]["path"], parent_abs.to_str().unwrap());
+    let out = ckptfs(&["inspect", s(&child)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["  ZERO ", "  DISK ", "  PARENT ", "  BLOB ", "parent 0: "] {
+        assert!(
+            text.contains(want),
+            "inspect does not show {want:?}: {text}"
+        );
+    }
+    let out = ckptfs(&["verify", s(&child), "--mem", s(&child_mem)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn inspect_shows_a_checkpoint_whose_disk_is_missing_and_names_the_disk() {
+    let f = fixture(128, 32, 43);
+    created(&f);
+    std::fs::remove_file(&f.disk).unwrap();
+    let out = ckptfs(&["inspect", s(&f.ckpt)]);
+    assert!(!out.status.success());
+    let disk = std::path::absolute(&f.disk).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "ckptfs: error: checkpoint {} needs a backing disk image: disk image {}: No such file or directory (os error 2)\n",
+            f.ckpt.display(),
+            disk.display()
+        )
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  guest RAM "), "{text}");
+    assert!(
+        text.contains(&format!("disk 0: {} (raw", disk.display())) && text.contains("UNUSABLE"),
+        "{text}"
+    );
+}
