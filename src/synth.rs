@@ -128,6 +128,47 @@ impl Region {
     }
 }
 
+/// A partition of a synthetic disk and the block size of the file system in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// Byte offset of its first sector (a multiple of 512; sector 63 is 32256).
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Block size its ext4 superblock claims (1024, 2048 or 4096).
+    pub block_size: u64,
+}
+
+impl Partition {
+    /// Where its file data may sit: after the superblock, at its block size.
+    pub fn region(&self) -> Region {
+        Region {
+            start: self.start + 4 * PAGE_SIZE_U64,
+            end: self.start + self.len,
+            align: self.block_size,
+        }
+    }
+}
+
+/// Give `disk` an MBR naming `parts` (at most four) and, at 1024 bytes into
+/// each, the fields of an ext4 superblock that say its block size (magic
+/// 0xEF53 at +56, log2(block size / 1024) at +24); the rest stays as it was.
+pub fn partition(disk: &mut [u8], parts: &[Partition]) {
+    assert!(parts.len() <= 4, "an MBR has four entries");
+    disk[446..512].fill(0);
+    for (i, p) in parts.iter().enumerate() {
+        let e = &mut disk[446 + 16 * i..446 + 16 * (i + 1)];
+        e[4] = 0x83; // Linux
+        e[8..12].copy_from_slice(&((p.start / 512) as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&((p.len / 512) as u32).to_le_bytes());
+        let sb = (p.start + 1024) as usize;
+        let log = (p.block_size / 1024).trailing_zeros();
+        disk[sb + 24..sb + 28].copy_from_slice(&log.to_le_bytes());
+        disk[sb + 56..sb + 58].copy_from_slice(&0xef53u16.to_le_bytes());
+    }
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+}
+
 /// Generate `disk_blocks` blocks of pseudo-random bytes (every 512-aligned
 /// window distinct, none zero).
 pub fn disk_image(disk_blocks: u64, seed: u64) -> Vec<u8> {
