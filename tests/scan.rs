@@ -17,6 +17,7 @@ use common::*;
 const DETECT: ScanOptions = ScanOptions {
     full_index_max_bytes: 0,
     sample_pages: 4096,
+    only_phases: None,
 };
 
 fn create(mem: &[u8], disk: &Path, scan: ScanOptions, out: &Path) -> Summary {

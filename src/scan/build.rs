@@ -24,6 +24,9 @@ pub struct ScanOptions {
     pub full_index_max_bytes: u64,
     /// Guest pages sampled to find phases on larger disks.
     pub sample_pages: usize,
+    /// Index exactly these phases on every disk, without detection (for
+    /// experiments: `PhaseSet::ALIGNED` is format v1's scan).
+    pub only_phases: Option<PhaseSet>,
 }
 
 impl Default for ScanOptions {
@@ -31,6 +34,7 @@ impl Default for ScanOptions {
         ScanOptions {
             full_index_max_bytes: 2 << 30,
             sample_pages: 4096,
+            only_phases: None,
         }
     }
 }
@@ -77,13 +81,15 @@ pub fn build(
 ) -> io::Result<(ContentIndex, IndexReport)> {
     let start = Instant::now();
     let total: u64 = disks.iter().map(|d| d.size()).sum();
-    let full = total <= opts.full_index_max_bytes;
-    let mut sampler = (!full).then(|| Sampler::new(mem, holes, opts.sample_pages));
+    let full = total <= opts.full_index_max_bytes && opts.only_phases.is_none();
+    let detect = !full && opts.only_phases.is_none();
+    let mut sampler = detect.then(|| Sampler::new(mem, holes, opts.sample_pages));
     let initial: Vec<PhaseSet> = disks
         .iter()
-        .map(|d| match full {
-            true => PhaseSet::ALL,
-            false => structural(d).union(PhaseSet::ALIGNED),
+        .map(|d| match (opts.only_phases, full) {
+            (Some(p), _) => p,
+            (None, true) => PhaseSet::ALL,
+            (None, false) => structural(d).union(PhaseSet::ALIGNED),
         })
         .collect();
     let windows: u64 = disks
