@@ -34,6 +34,14 @@ const MAX_L1_BYTES: u64 = 1 << 20;
 struct Opened {
     files: Vec<(PathBuf, File)>,
     formats: usize,
+    too_deep: bool,
+}
+
+fn too_deep() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("backing chain deeper than {MAX_CHAIN} images (a loop?)"),
+    )
 }
 
 /// Opens what a qcow2 image refers to, checking each file first.
@@ -65,10 +73,8 @@ impl imago::format::gate::ImplicitOpenGate<imago::file::File> for CheckedGate {
             let mut o = self.opened();
             o.formats += 1;
             if o.formats > MAX_CHAIN {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("backing chain deeper than {MAX_CHAIN} images (a loop?)"),
-                ));
+                o.too_deep = true;
+                return Err(too_deep());
             }
         }
         Ok(FormatAccess::new(builder.write(false).open(self.clone())?))
@@ -99,7 +105,15 @@ impl Qcow2Image {
         let storage = gate.storage(path, file)?;
         let image = Qcow2::<imago::file::File>::builder(storage)
             .write(false)
-            .open(gate.clone())?;
+            .open(gate.clone())
+            // imago names every file of the chain on the way out: say it once.
+            .map_err(|e| {
+                if gate.opened().too_deep {
+                    too_deep()
+                } else {
+                    e
+                }
+            })?;
         let access = FormatAccess::new(image);
         let files = std::mem::take(&mut gate.opened().files);
         Ok(Qcow2Image { access, files })
