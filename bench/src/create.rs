@@ -28,7 +28,7 @@ use ckptfs::{CreateOptions, MemoryImage};
 pub struct CreateResult {
     /// "aligned" or "misaligned".
     pub workload: &'static str,
-    /// "scan", "scan-detected", "scan-aligned" or "hints".
+    /// "scan", "scan-detected", "scan-aligned", "hints", "qcow2-scan" or "qcow2-hints".
     pub mode: &'static str,
     /// Guest RAM in MiB.
     pub guest_mib: u64,
@@ -135,8 +135,28 @@ pub fn run(dir: &Path, guest_mib: u64, disk_mib: u64) -> Result<Vec<CreateResult
             eprintln!("{}", serde_json::to_string(&r)?);
             results.push(r);
         }
+        if name == "misaligned" {
+            let qcow2 = dir.join("disk.qcow2");
+            qemu_img_convert(&disk, &qcow2)?;
+            for mode in ["qcow2-scan", "qcow2-hints"] {
+                let r = measure(&w, mode, &image, &qcow2, dir, base, disk_mib)?;
+                eprintln!("{}", serde_json::to_string(&r)?);
+                results.push(r);
+            }
+        }
     }
     Ok(results)
+}
+
+fn qemu_img_convert(raw: &Path, qcow2: &Path) -> Result<()> {
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(qcow2)
+        .status()
+        .map_err(|e| anyhow::anyhow!("qemu-img: {e} (install qemu-utils: scripts/setup.sh)"))?;
+    anyhow::ensure!(st.success(), "qemu-img convert failed");
+    Ok(())
 }
 
 fn measure(
@@ -161,12 +181,12 @@ fn measure(
     };
     let opts = CreateOptions {
         disks: vec![disk.to_owned()],
-        hints: if mode == "hints" {
+        hints: if mode.ends_with("hints") {
             synth::hints(&w.plan)
         } else {
             Vec::new()
         },
-        scan_disks: mode != "hints",
+        scan_disks: !mode.ends_with("hints"),
         scan,
         ..Default::default()
     };

@@ -17,6 +17,9 @@ use super::phases::{PhaseSet, Sampler, structural};
 use super::{CHUNK, ScanDisk, hash_sectors, window_key};
 use crate::types::{DiskIndex, DiskOffset, PAGE_SIZE_U64, SECTOR_SIZE, SECTORS_PER_PAGE};
 
+/// Windows an index is sized for up front (128 MiB of table).
+const RESERVE_ALL_WINDOWS: u64 = (128 << 20) / 23;
+
 /// How the disks are indexed.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanOptions {
@@ -97,9 +100,15 @@ pub fn build(
         .zip(&initial)
         .map(|(d, p)| d.size() / PAGE_SIZE_U64 * u64::from(p.count()))
         .sum();
-    // Start at an eighth of the windows there could be (most disks are not
-    // full); the table doubles as it needs to.
-    let mut index = ContentIndex::with_capacity(windows / 8);
+    // Room for every window when that is at most 128 MiB of table (no
+    // rehashing on small disks); otherwise an eighth (most large disks are
+    // far from full) and the table doubles as it needs to.
+    let reserve = if windows <= RESERVE_ALL_WINDOWS {
+        windows
+    } else {
+        windows / 8
+    };
+    let mut index = ContentIndex::with_capacity(reserve);
     let mut report = IndexReport {
         sampled_pages: sampler.as_ref().map_or(0, |s| s.len() as u64),
         ..IndexReport::default()
