@@ -164,6 +164,16 @@ impl DiskImage {
         }
     }
 
+    /// The disk's `len` bytes at `offset` in place, when they are in a mapped
+    /// file without a copy: an uncompressed cluster run of a qcow2 image (raw
+    /// images are mapped whole by the caller). `None`: read them.
+    pub fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        match &self.backend {
+            Backend::Raw(_) => None,
+            Backend::Qcow2(q) => q.mapped(offset, len),
+        }
+    }
+
     /// Fill `buf` with the disk's bytes at `offset` (all inside the disk).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64);

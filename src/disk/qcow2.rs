@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions};
+use memmap2::Mmap;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::input;
@@ -95,6 +96,9 @@ impl imago::format::gate::ImplicitOpenGate<imago::file::File> for CheckedGate {
 pub struct Qcow2Image {
     access: FormatAccess<imago::file::File>,
     files: Vec<(PathBuf, File)>,
+    /// Each file of the chain mapped read-only (same order as `files`), so a
+    /// window in an uncompressed cluster is compared in place (the scan).
+    maps: Vec<Option<Mmap>>,
 }
 
 impl Qcow2Image {
@@ -116,7 +120,42 @@ impl Qcow2Image {
             })?;
         let access = FormatAccess::new(image);
         let files = std::mem::take(&mut gate.opened().files);
-        Ok(Qcow2Image { access, files })
+        let maps = files
+            .iter()
+            .map(|(_, f)| {
+                // SAFETY: a read-only map of a file opened read-only and only
+                // read through it; a concurrent writer could change bytes under
+                // us, which at worst misclassifies a page: every page read back
+                // is CRC-checked.
+                unsafe { Mmap::map(f) }.ok()
+            })
+            .collect();
+        Ok(Qcow2Image {
+            access,
+            files,
+            maps,
+        })
+    }
+
+    /// The `len` bytes of the virtual disk at `offset` as a slice of a mapped
+    /// file, when they lie in one uncompressed cluster run (else `None`: read them).
+    pub fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let (mapping, n) = self.access.get_mapping(offset, len as u64).ok()?;
+        let Mapping::Raw {
+            storage,
+            offset: host,
+            ..
+        } = mapping
+        else {
+            return None;
+        };
+        if n < len as u64 {
+            return None;
+        }
+        let name = storage.get_filename()?;
+        let i = self.files.iter().position(|(p, _)| *p == name)?;
+        let map = self.maps[i].as_ref()?;
+        map.get(usize::try_from(host).ok()?..usize::try_from(host).ok()?.checked_add(len)?)
     }
 
     /// Virtual disk size.

@@ -116,13 +116,14 @@ impl<'a> ScanDisk<'a> {
         if end > self.size() {
             return None;
         }
-        match &self.map {
-            Some(m) => m.get(offset as usize..end as usize),
-            None => {
-                self.image.read_exact_at(buf, offset).ok()?;
-                Some(&buf[..])
-            }
+        if let Some(m) = &self.map {
+            return m.get(offset as usize..end as usize);
         }
+        if let Some(w) = self.image.mapped(offset, PAGE_SIZE) {
+            return Some(w);
+        }
+        self.image.read_exact_at(buf, offset).ok()?;
+        Some(&buf[..])
     }
 
     /// Call `f(offset, bytes)` for consecutive chunks of `[0, end)`: each
