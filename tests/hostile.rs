@@ -351,3 +351,38 @@ fn verify_reports_and_logs_each_bad_page_once() {
         }
     }
 }
+
+#[test]
+fn each_failing_step_of_create_names_itself_and_leaves_no_temp_file() {
+    let f = fixture(16, 16, 6);
+    let missing_dir = f.dir.path().join("no/such/dir/vm.ckpt");
+    let o = ckptfs(&["create", "--mem", s(&f.mem_path), "-o", s(&missing_dir)]);
+    assert_error_line(
+        &o,
+        &format!(
+            "creating a temporary file beside {}: No such file or directory (os error 2)",
+            missing_dir.display()
+        ),
+    );
+    // The output is a directory: everything is written, the rename fails.
+    let dir_out = f.dir.path().join("out.d");
+    std::fs::create_dir(&dir_out).unwrap();
+    std::fs::write(dir_out.join("x"), b"x").unwrap();
+    let before: Vec<_> = std::fs::read_dir(f.dir.path()).unwrap().collect();
+    let o = ckptfs(&["create", "--mem", s(&f.mem_path), "-o", s(&dir_out)]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.starts_with(&format!(
+            "ckptfs: error: renaming the finished checkpoint into place as {}: ",
+            dir_out.display()
+        )) && err.lines().count() == 1,
+        "{err}"
+    );
+    let after: Vec<_> = std::fs::read_dir(f.dir.path()).unwrap().collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "a temporary file was left behind"
+    );
+}
