@@ -13,8 +13,9 @@
 //! every page against its CRC32, so it never returns wrong bytes.
 
 mod parents;
+mod read;
+mod validate;
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +25,6 @@ use crate::disk::{DiskError, DiskImage};
 use crate::format::{
     self, DiskRecord, ENTRY_LEN, FormatError, HEADER_LEN, Header, Location, ParentRecord,
 };
-use crate::input;
 use crate::types::{
     AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex,
 };
@@ -274,103 +274,6 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-/// The file's bytes, checked: header, section holes, padding, CRCs, tables.
-struct Validated {
-    map: Mmap,
-    file_len: u64,
-    mode: u32,
-    header: Header,
-    disk_records: Vec<DiskRecord>,
-    parent_records: Vec<ParentRecord>,
-}
-
-fn validate(path: &Path) -> Result<Validated, OpenError> {
-    let io_err = |source| OpenError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let fmt_err = |source| OpenError::Format {
-        path: path.to_owned(),
-        source,
-    };
-    let (file, meta) = input::open_regular(path).map_err(io_err)?;
-    let file_len = meta.len();
-    let mut head = [0u8; HEADER_LEN];
-    let n = input::read_up_to(&file, &mut head, 0).map_err(io_err)?;
-    let header = Header::decode(&head[..n], file_len).map_err(fmt_err)?;
-    check_backed(&file, &header).map_err(|e| match e {
-        Ok(f) => fmt_err(f),
-        Err(e) => io_err(e),
-    })?;
-    // SAFETY: the file is opened read-only and only read through the map;
-    // every section was checked to lie inside the file. A concurrent truncation
-    // by another process would SIGBUS; checkpoints are immutable once written
-    // (create renames a finished file into place).
-    let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
-    check_padding(&map, &header).map_err(fmt_err)?;
-    let section = |s: format::Section| &map[s.offset as usize..s.end() as usize];
-    for (name, s, crc) in [
-        ("disk table", header.disks(), header.disks_crc),
-        ("parent table", header.parents(), header.parents_crc),
-        ("page table", header.table(), header.table_crc),
-        ("VMM state", header.state(), header.state_crc),
-    ] {
-        if crc32fast::hash(section(s)) != crc {
-            return Err(fmt_err(FormatError::SectionCrc(name)));
-        }
-    }
-    let disk_records = format::decode_disks(section(header.disks())).map_err(fmt_err)?;
-    let parent_records = format::decode_parents(section(header.parents())).map_err(fmt_err)?;
-    Ok(Validated {
-        map,
-        file_len,
-        mode: input::mode_bits(&meta),
-        header,
-        disk_records,
-        parent_records,
-    })
-}
-
-/// Every section but the VMM state must be backed by data: a sparse file that
-/// claims gigabytes of tables or blobs it does not hold is refused before any
-/// work is done on them (create never leaves a hole there; the state may
-/// legitimately hold zero blocks that some file systems store as holes, and
-/// is bounded by [`format::MAX_STATE_LEN`] instead).
-fn check_backed(file: &File, h: &Header) -> Result<(), Result<FormatError, io::Error>> {
-    for (section, s) in h.sections().into_iter().take(4) {
-        if let Some(hole) = input::first_hole(file, s.offset, s.end()).map_err(Err)? {
-            return Err(Ok(FormatError::SectionHole {
-                section,
-                offset: s.offset,
-                len: s.len,
-                hole,
-            }));
-        }
-    }
-    Ok(())
-}
-
-/// Bytes between sections are zero padding shorter than a page, and nothing
-/// follows the last section, so every byte of the file is covered by a check.
-fn check_padding(map: &[u8], h: &Header) -> Result<(), FormatError> {
-    if map.len() as u64 != h.file_len() {
-        return Err(FormatError::BadLayout(
-            "the file has bytes after its last section",
-        ));
-    }
-    let mut prev_end = HEADER_LEN as u64;
-    for (_, s) in h.sections() {
-        let gap = &map[prev_end as usize..s.offset as usize];
-        if gap.len() >= PAGE_SIZE || gap.iter().any(|&b| b != 0) {
-            return Err(FormatError::BadLayout(
-                "padding between sections is not up to a page of zeros",
-            ));
-        }
-        prev_end = s.end();
-    }
-    Ok(())
-}
-
 impl Checkpoint {
     /// Open and validate `path`, open every disk image it references (checking
     /// each one's format, size and fingerprint) and every parent checkpoint.
@@ -390,7 +293,7 @@ impl Checkpoint {
         depth: usize,
         budget: &mut usize,
     ) -> Result<Self, OpenError> {
-        let v = validate(path)?;
+        let v = validate::validate(path)?;
         let mut ck = Checkpoint {
             path: path.to_owned(),
             map: v.map,
@@ -597,150 +500,6 @@ impl Checkpoint {
     fn blob(&self, b: BlobIndex) -> &[u8] {
         let at = (self.header.blobs_offset + b.0 * PAGE_SIZE_U64) as usize;
         &self.map[at..at + PAGE_SIZE]
-    }
-
-    /// Rebuild pages `[first, first + out.len() / 4096)` into `out`
-    /// (`out.len()` a multiple of 4096), coalescing adjacent DISK pages into
-    /// one read, checking every page's CRC. Thread-safe (`&self`, pread).
-    pub fn read_pages(&self, first: PageIndex, out: &mut [u8]) -> Result<ReadCounts, ReadError> {
-        let n = (out.len() / PAGE_SIZE) as u64;
-        let end = first.0.saturating_add(n);
-        if !out.len().is_multiple_of(PAGE_SIZE) || end > self.header.page_count {
-            return Err(ReadError::OutOfRange {
-                first: first.0,
-                end,
-                pages: self.header.page_count,
-            });
-        }
-        let mut counts = ReadCounts::default();
-        let mut i = 0u64;
-        while i < n {
-            let page = PageIndex(first.0 + i);
-            let entry = self.try_entry(page)?;
-            let buf = &mut out[(i as usize) * PAGE_SIZE..];
-            let run = match entry.source {
-                PageSource::Zero => {
-                    buf[..PAGE_SIZE].fill(0);
-                    counts.zero_bytes += PAGE_SIZE_U64;
-                    1
-                }
-                PageSource::Blob(b) => {
-                    buf[..PAGE_SIZE].copy_from_slice(self.blob(b));
-                    counts.blob_bytes += PAGE_SIZE_U64;
-                    1
-                }
-                PageSource::ParentBlob { ancestor, blob } => {
-                    let a = &self.ancestors[usize::from(ancestor.0)];
-                    buf[..PAGE_SIZE].copy_from_slice(a.blob(blob));
-                    counts.blob_bytes += PAGE_SIZE_U64;
-                    1
-                }
-                PageSource::Disk { disk, offset } => {
-                    let run = self.disk_run(page, entry.source, n - i)?;
-                    let len = run as usize * PAGE_SIZE;
-                    self.read_disk(page, disk, offset, &mut buf[..len])?;
-                    counts.disk_bytes += len as u64;
-                    counts.disk_reads += 1;
-                    run
-                }
-            };
-            self.check_crcs(page, &entry, &buf[..run as usize * PAGE_SIZE])?;
-            i += run;
-        }
-        Ok(counts)
-    }
-
-    fn read_disk(
-        &self,
-        page: PageIndex,
-        disk: DiskIndex,
-        offset: DiskOffset,
-        buf: &mut [u8],
-    ) -> Result<(), ReadError> {
-        let slot = &self.disks[usize::from(disk.0)];
-        let result = match &slot.image {
-            Some(image) => image.read_exact_at(buf, offset.0),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the disk image could not be opened",
-            )),
-        };
-        result.map_err(|source| ReadError::DiskRead {
-            page,
-            disk: slot.record.path.clone(),
-            source,
-        })
-    }
-
-    /// How many pages from `page` (at most `max`) continue the disk run that
-    /// starts with `first` (a [`PageSource::Disk`]).
-    fn disk_run(&self, page: PageIndex, first: PageSource, max: u64) -> Result<u64, ReadError> {
-        let PageSource::Disk { disk, offset } = first else {
-            return Ok(1);
-        };
-        let mut run = 1;
-        while run < max {
-            let next = PageIndex(page.0 + run);
-            // try_entry decodes and bounds-checks the entry; an invalid one fails the
-            // read here, as it would when the main loop reached it.
-            let want = PageSource::Disk {
-                disk,
-                offset: DiskOffset(offset.0 + run * PAGE_SIZE_U64),
-            };
-            if self.try_entry(next)?.source != want {
-                break;
-            }
-            run += 1;
-        }
-        Ok(run)
-    }
-
-    /// Check the CRC of every page of `data` (a run starting at `first`, whose
-    /// first entry is `entry`; the others are of the same kind).
-    fn check_crcs(
-        &self,
-        first: PageIndex,
-        entry: &PageEntry,
-        data: &[u8],
-    ) -> Result<(), ReadError> {
-        for (k, page_bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let page = PageIndex(first.0 + k as u64);
-            let expected = format::get_u32(self.raw_entry(page.0), size_of::<u64>());
-            let actual = if entry.source == PageSource::Zero {
-                format::zero_page_crc()
-            } else {
-                crc32fast::hash(page_bytes)
-            };
-            if actual != expected {
-                let source = if k == 0 {
-                    entry.source
-                } else {
-                    self.try_entry(page)?.source
-                };
-                return Err(ReadError::CrcMismatch {
-                    page,
-                    expected,
-                    actual,
-                    source_name: self.source_name(source),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn source_name(&self, source: PageSource) -> String {
-        match source {
-            PageSource::Zero => "zero".into(),
-            PageSource::Blob(_) => format!("blob section of {}", self.path.display()),
-            PageSource::ParentBlob { ancestor, .. } => format!(
-                "blob section of parent {}",
-                self.ancestors[usize::from(ancestor.0)].path.display()
-            ),
-            PageSource::Disk { disk, offset } => format!(
-                "disk image {} at {offset}",
-                self.disks[usize::from(disk.0)].record.path.display()
-            ),
-        }
     }
 }
 
