@@ -60,7 +60,9 @@ pub struct DemandGuard<'a>(&'a Scheduler);
 
 impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
-        self.0.last_demand_us.store(now_us().max(1), Ordering::Release);
+        self.0
+            .last_demand_us
+            .store(now_us().max(1), Ordering::Release);
         self.0.demand.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -402,11 +404,17 @@ mod tests {
         assert!(sched.demand_is_recent());
         let t0 = Instant::now();
         sched.pace(Duration::from_millis(2));
-        assert!(t0.elapsed() >= Duration::from_millis(6), "paced 3x the fetch");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(6),
+            "paced 3x the fetch"
+        );
         thread::sleep(RECENT_DEMAND + Duration::from_millis(10));
         let t0 = Instant::now();
         sched.pace(Duration::from_millis(2));
-        assert!(t0.elapsed() < Duration::from_millis(5), "idle VM: full speed");
+        assert!(
+            t0.elapsed() < Duration::from_millis(5),
+            "idle VM: full speed"
+        );
     }
 
     #[test]

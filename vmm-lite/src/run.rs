@@ -237,6 +237,7 @@ fn save_outputs(
         scan_disks: opts.scan_disks,
         vmm_state: Some(state),
         progress: io::stderr().is_terminal(),
+        ..Default::default()
     };
     let summary =
         ckptfs::create(machine.memory().as_slice(), &create_opts, out).map_err(|source| {
