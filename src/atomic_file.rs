@@ -140,6 +140,10 @@ impl AtomicFile {
         tmp.extend_from_slice(name.as_bytes());
         tmp.extend_from_slice(format!(".tmp-{}", random_hex()?).as_bytes());
         let tmp_name = cstring(&tmp)?;
+        // Registered before it exists, so a signal right after the create cannot
+        // miss it (removing a name that was never created is harmless).
+        let abs = std::path::absolute(parent.join(OsStr::from_bytes(&tmp)))?;
+        pending().push(abs.clone());
         // SAFETY: `dir` is an open directory descriptor and `tmp_name` a valid
         // NUL-terminated name; O_EXCL|O_NOFOLLOW refuse any existing file or link.
         let fd = cvt(unsafe {
@@ -149,12 +153,10 @@ impl AtomicFile {
                 libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
                 0o600 as libc::c_uint,
             )
-        })?;
+        })
+        .inspect_err(|_| pending().retain(|p| *p != abs))?;
         // SAFETY: `fd` was just created by openat and is owned only here.
         let file = unsafe { File::from_raw_fd(fd) };
-        if let Ok(abs) = std::path::absolute(parent.join(OsStr::from_bytes(&tmp))) {
-            pending().push(abs);
-        }
         Ok(AtomicFile {
             dir,
             tmp_name,
