@@ -6,7 +6,7 @@
 //! (checking its size, identity and fingerprint), and resolves every PARENT
 //! entry to where its bytes really are (a disk block, or a blob of some
 //! ancestor file at a byte offset), so a read never walks the chain. The file
-//! is mapped with mmap and never read whole: a 16 GiB guest costs a 48 MiB page
+//! is not mapped: its tables are read at open and its blobs with pread: a 16 GiB guest costs a 48 MiB page
 //! table that the kernel pages in as it is used (plus 8 bytes a page in memory
 //! when the checkpoint has a parent). [`Checkpoint::read_pages`] rebuilds a
 //! run of pages, coalescing adjacent disk blocks into one read, and checks
@@ -19,15 +19,11 @@ mod validate;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use crate::disk::{DiskError, DiskImage};
 use crate::format::{
     self, DiskRecord, ENTRY_LEN, FormatError, HEADER_LEN, Header, Location, ParentRecord,
 };
-use crate::types::{
-    AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex,
-};
+use crate::types::{AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE_U64, PageIndex};
 
 pub use parents::{MAX_ANCESTORS, MAX_PARENT_DEPTH};
 
@@ -181,6 +177,17 @@ pub enum ReadError {
         /// "zero", "blob section of <ckpt>", or the disk image and offset.
         source_name: String,
     },
+    /// Reading blobs of a checkpoint file failed (e.g. it shrank while served).
+    #[error("reading {page} from the blob section of {path}")]
+    BlobRead {
+        /// First page of the failed read.
+        page: PageIndex,
+        /// The checkpoint (or ancestor) file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// Reading a disk image failed (or it was missing at open).
     #[error("reading {page} from disk image {disk}")]
     DiskRead {
@@ -228,7 +235,7 @@ struct DiskSlot {
 /// An ancestor checkpoint file whose blobs resolved PARENT entries point into.
 pub struct Ancestor {
     path: PathBuf,
-    map: Mmap,
+    file: std::fs::File,
     header: Header,
 }
 
@@ -243,17 +250,32 @@ impl Ancestor {
         &self.header
     }
 
-    fn blob(&self, b: BlobIndex) -> &[u8] {
-        let at = (self.header.blobs_offset + b.0 * PAGE_SIZE_U64) as usize;
-        &self.map[at..at + PAGE_SIZE]
+    fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
+        read_blobs(&self.file, &self.header, b, out)
     }
 }
 
-/// An open checkpoint: header validated, page table and blobs mapped, disk
-/// images and parents open, PARENT entries resolved.
+/// Read blobs `b, b + 1, ...` (as many as `out` holds) of the file with
+/// `header`; a file that shrank since it was opened is an error, not SIGBUS.
+fn read_blobs(
+    file: &std::fs::File,
+    header: &Header,
+    b: BlobIndex,
+    out: &mut [u8],
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(out, header.blobs_offset + b.0 * PAGE_SIZE_U64)
+}
+
+/// An open checkpoint: header validated, page table in memory, blobs read
+/// with pread, disk images and parents open, PARENT entries resolved.
 pub struct Checkpoint {
     path: PathBuf,
-    map: Mmap,
+    file: std::fs::File,
+    head: [u8; HEADER_LEN],
+    table: Box<[u8]>,
+    state: Box<[u8]>,
+    fingerprint: u64,
     file_len: u64,
     mode: u32,
     header: Header,
@@ -296,7 +318,11 @@ impl Checkpoint {
         let v = validate::validate(path)?;
         let mut ck = Checkpoint {
             path: path.to_owned(),
-            map: v.map,
+            file: v.file,
+            head: v.head,
+            table: v.table,
+            state: v.state,
+            fingerprint: v.fingerprint,
             file_len: v.file_len,
             mode: v.mode,
             header: v.header,
@@ -423,8 +449,8 @@ impl Checkpoint {
     }
 
     fn raw_entry(&self, page: u64) -> &[u8] {
-        let at = self.header.table_offset as usize + page as usize * ENTRY_LEN;
-        &self.map[at..at + ENTRY_LEN]
+        let at = page as usize * ENTRY_LEN;
+        &self.table[at..at + ENTRY_LEN]
     }
 
     /// The page-table entry of `page` as stored (a PARENT entry unresolved), for `inspect`.
@@ -487,19 +513,17 @@ impl Checkpoint {
     /// from a checkpoint (loading sets, child checkpoints) record it and are
     /// refused by any other checkpoint.
     pub fn identity(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(&self.map[..HEADER_LEN])
+        xxhash_rust::xxh3::xxh3_64(&self.head)
     }
 
     /// The opaque VMM-state section (empty if the checkpoint has none).
     pub fn vmm_state(&self) -> &[u8] {
-        let s = self.header.state();
-        &self.map[s.offset as usize..s.end() as usize]
+        &self.state
     }
 
-    /// The stored bytes of blob `b` (which must be in range).
-    fn blob(&self, b: BlobIndex) -> &[u8] {
-        let at = (self.header.blobs_offset + b.0 * PAGE_SIZE_U64) as usize;
-        &self.map[at..at + PAGE_SIZE]
+    /// Read blobs `b, b + 1, ...` (as many as `out` holds; in range).
+    fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
+        read_blobs(&self.file, &self.header, b, out)
     }
 }
 

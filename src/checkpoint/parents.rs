@@ -11,7 +11,6 @@
 //! section. The resolved sources live in one `u64` a page (only when the
 //! checkpoint has parents), packed like page-table words.
 
-use crate::disk;
 use crate::format::{Location, ParentRecord};
 use crate::types::{AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PageIndex, SECTOR_SIZE};
 
@@ -206,7 +205,7 @@ impl Checkpoint {
     /// Sampled fingerprint of the whole file (64 blocks spread over it, so the
     /// blob section too): a parent whose blobs were rewritten is refused at open.
     pub fn content_fingerprint(&self) -> u64 {
-        disk::bytes_fingerprint(&self.map)
+        self.fingerprint
     }
 
     /// Decide where each parent's disks and files will sit in this checkpoint.
@@ -271,7 +270,7 @@ impl Checkpoint {
             let ancestors = std::mem::take(&mut ck.ancestors);
             self.ancestors.push(Ancestor {
                 path: ck.path,
-                map: ck.map,
+                file: ck.file,
                 header: ck.header,
             });
             self.ancestors.extend(ancestors);

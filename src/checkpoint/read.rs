@@ -5,7 +5,7 @@ use std::io;
 
 use super::{Checkpoint, PageEntry, PageSource, ReadCounts, ReadError};
 use crate::format;
-use crate::types::{DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
+use crate::types::{BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
 
 impl Checkpoint {
     /// Rebuild pages `[first, first + out.len() / 4096)` into `out`
@@ -34,18 +34,24 @@ impl Checkpoint {
                     1
                 }
                 PageSource::Blob(b) => {
-                    buf[..PAGE_SIZE].copy_from_slice(self.blob(b));
-                    counts.blob_bytes += PAGE_SIZE_U64;
-                    1
+                    let run = self.run_len(page, entry.source, n - i)?;
+                    let len = run as usize * PAGE_SIZE;
+                    self.read_blobs(b, &mut buf[..len])
+                        .map_err(|source| self.blob_error(page, &self.path, source))?;
+                    counts.blob_bytes += len as u64;
+                    run
                 }
                 PageSource::ParentBlob { ancestor, blob } => {
+                    let run = self.run_len(page, entry.source, n - i)?;
+                    let len = run as usize * PAGE_SIZE;
                     let a = &self.ancestors[usize::from(ancestor.0)];
-                    buf[..PAGE_SIZE].copy_from_slice(a.blob(blob));
-                    counts.blob_bytes += PAGE_SIZE_U64;
-                    1
+                    a.read_blobs(blob, &mut buf[..len])
+                        .map_err(|source| self.blob_error(page, &a.path, source))?;
+                    counts.blob_bytes += len as u64;
+                    run
                 }
                 PageSource::Disk { disk, offset } => {
-                    let run = self.disk_run(page, entry.source, n - i)?;
+                    let run = self.run_len(page, entry.source, n - i)?;
                     let len = run as usize * PAGE_SIZE;
                     self.read_disk(page, disk, offset, &mut buf[..len])?;
                     counts.disk_bytes += len as u64;
@@ -81,22 +87,37 @@ impl Checkpoint {
         })
     }
 
-    /// How many pages from `page` (at most `max`) continue the disk run that
-    /// starts with `first` (a [`PageSource::Disk`]).
-    fn disk_run(&self, page: PageIndex, first: PageSource, max: u64) -> Result<u64, ReadError> {
-        let PageSource::Disk { disk, offset } = first else {
-            return Ok(1);
+    /// A blob read failed: the file shrank or failed under us.
+    fn blob_error(&self, page: PageIndex, path: &std::path::Path, source: io::Error) -> ReadError {
+        ReadError::BlobRead {
+            page,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// How many pages from `page` (at most `max`) continue the run that starts
+    /// with `first`: consecutive blocks of one disk, or consecutive blobs of
+    /// one file, which one read fetches together.
+    fn run_len(&self, page: PageIndex, first: PageSource, max: u64) -> Result<u64, ReadError> {
+        let next = |k: u64| match first {
+            PageSource::Disk { disk, offset } => Some(PageSource::Disk {
+                disk,
+                offset: DiskOffset(offset.0 + k * PAGE_SIZE_U64),
+            }),
+            PageSource::Blob(b) => Some(PageSource::Blob(BlobIndex(b.0 + k))),
+            PageSource::ParentBlob { ancestor, blob } => Some(PageSource::ParentBlob {
+                ancestor,
+                blob: BlobIndex(blob.0 + k),
+            }),
+            PageSource::Zero => None,
         };
         let mut run = 1;
         while run < max {
-            let next = PageIndex(page.0 + run);
+            let Some(want) = next(run) else { break };
             // try_entry decodes and bounds-checks the entry; an invalid one fails the
             // read here, as it would when the main loop reached it.
-            let want = PageSource::Disk {
-                disk,
-                offset: DiskOffset(offset.0 + run * PAGE_SIZE_U64),
-            };
-            if self.try_entry(next)?.source != want {
+            if self.try_entry(PageIndex(page.0 + run))?.source != want {
                 break;
             }
             run += 1;

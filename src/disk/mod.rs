@@ -110,6 +110,11 @@ impl DiskImage {
             source,
         };
         let (file, meta) = input::open_regular(path).map_err(io_err)?;
+        // Pages are read from a disk image at scattered offsets (fingerprint
+        // samples, page faults): no readahead around each read, set before the
+        // first read so no readahead markers are left to set off more (a
+        // create's sequential scan maps the image, which read-around still serves).
+        input::advise(&file, input::Access::Random);
         let mut head = [0u8; 64];
         let n = input::read_up_to(&file, &mut head, 0).map_err(io_err)?;
         let (size, backend) = match detect_container(&head[..n]) {
@@ -207,16 +212,28 @@ impl DiskImage {
         let mut h = Xxh3::new();
         h.update(&self.size.to_le_bytes());
         let mut buf = vec![0u8; PAGE_SIZE];
-        for block in fingerprint_blocks(self.size) {
-            let off = block * PAGE_SIZE_U64;
-            let n = PAGE_SIZE_U64.min(self.size - off) as usize;
-            self.read_exact_at(&mut buf[..n], off).map_err(io_err)?;
-            h.update(&buf[..n]);
-        }
+        let sampled =
+            fingerprint_blocks(self.size)
+                .into_iter()
+                .try_for_each(|block| -> io::Result<()> {
+                    let off = block * PAGE_SIZE_U64;
+                    let n = PAGE_SIZE_U64.min(self.size - off) as usize;
+                    self.read_exact_at(&mut buf[..n], off)?;
+                    h.update(&buf[..n]);
+                    Ok(())
+                });
+        sampled.map_err(io_err)?;
         if let Backend::Qcow2(q) = &self.backend {
             q.hash_metadata(&mut h).map_err(io_err)?;
         }
         Ok(h.digest())
+    }
+
+    /// Tell the kernel how this raw image will be read (qcow2 images: no-op).
+    pub fn advise(&self, access: crate::input::Access) {
+        if let Backend::Raw(f) = &self.backend {
+            crate::input::advise(f, access);
+        }
     }
 
     /// The disk-table record of this image (absolute path, format, size, fingerprint).
@@ -275,8 +292,8 @@ pub fn fingerprint_blocks(size: u64) -> Vec<u64> {
         .collect()
 }
 
-/// A fingerprint of bytes held in memory (a mapped file): their length and
-/// the 64 sampled 4 KiB blocks, as [`DiskImage::fingerprint`] samples a disk.
+/// A fingerprint of bytes held in memory: their length and the 64 sampled
+/// 4 KiB blocks, as [`DiskImage::fingerprint`] samples a disk.
 pub fn bytes_fingerprint(bytes: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(&(bytes.len() as u64).to_le_bytes());
@@ -285,6 +302,26 @@ pub fn bytes_fingerprint(bytes: &[u8]) -> u64 {
         h.update(&bytes[at..bytes.len().min(at + PAGE_SIZE)]);
     }
     h.digest()
+}
+
+/// [`bytes_fingerprint`] of the first `len` bytes of `file`, read with pread
+/// (without readahead around the samples).
+pub fn file_fingerprint(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
+    let mut h = Xxh3::new();
+    h.update(&len.to_le_bytes());
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let sampled =
+        fingerprint_blocks(len)
+            .into_iter()
+            .try_for_each(|block| -> std::io::Result<()> {
+                let at = block * PAGE_SIZE_U64;
+                let n = PAGE_SIZE_U64.min(len - at) as usize;
+                std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..n], at)?;
+                h.update(&buf[..n]);
+                Ok(())
+            });
+    sampled?;
+    Ok(h.digest())
 }
 
 #[cfg(test)]
