@@ -283,11 +283,29 @@ fn run_status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Write back dirty pages and drop the page cache, so a restore starts cold.
-pub fn drop_caches() -> Result<()> {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches (needs root)")
+/// Drop `files` from the page cache, so a restore of them starts cold. Only
+/// these files: a global `drop_caches` would also evict whatever else runs on
+/// this shared machine (and their evictions ours).
+pub fn evict(files: &[PathBuf]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for p in files.iter().filter(|p| p.exists()) {
+        let f = std::fs::File::open(p).with_context(|| format!("evicting {}", p.display()))?;
+        f.sync_all()?;
+        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        ensure!(rc == 0, "evicting {} from the page cache: error {rc}", p.display());
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Every file a restore of this VM reads.
+    pub fn files(&self) -> Vec<PathBuf> {
+        ["mem.raw", "vm.ckpt", "vm.ckpt.ls", "disk.img", "state.bin"]
+            .iter()
+            .map(|f| self.path(f))
+            .collect()
+    }
 }
 
 /// What one restore measured.
@@ -449,7 +467,7 @@ pub fn restore(tools: &Tools, vm: &Vm, t: &Trial) -> Result<Measured> {
         // Make the raw dump resident in the page cache.
         std::fs::read(vm.path("mem.raw")).map(drop)?;
     } else {
-        drop_caches()?;
+        evict(&vm.files())?;
     }
     let timeline = vm.path("timeline.jsonl");
     let read_before = group.read_bytes();

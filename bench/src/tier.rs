@@ -121,7 +121,7 @@ impl Drop for Throttle {
 /// eager restore of the raw dump gets on this tier).
 pub fn cold_read_mbps(file: &Path) -> Result<f64> {
     use std::io::Read;
-    crate::restore::drop_caches()?;
+    crate::restore::evict(&[file.to_owned()])?;
     let t0 = std::time::Instant::now();
     let mut f = fs::File::open(file)?;
     let mut buf = vec![0u8; 8 << 20];
