@@ -278,6 +278,11 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let readahead_kb = s.readahead_kb.unwrap_or(if set.is_some() {
+        crate::options::LOADING_SET_READAHEAD_KB
+    } else {
+        crate::options::DEFAULT_READAHEAD_KB
+    });
     let sched = Arc::new(Scheduler::default());
     let reads = ReadPath::new(shared.clone(), sched.clone());
     let fs = CkptFs::new(shared.clone(), reads, vmm_state, owner);
@@ -293,7 +298,7 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot mount on {}", s.mountpoint.display()))?;
     let dev = mount_dev(&canonical);
     if let Some(dev) = dev {
-        set_kernel_readahead(dev, s.readahead_kb);
+        set_kernel_readahead(dev, readahead_kb);
     }
     shared.kernel.set_sink(Box::new(NotifierCache {
         notifier: session.notifier(),
@@ -311,7 +316,7 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         shared.guest_size() >> 20,
         s.mountpoint.display(),
         shared.config.policy.name(),
-        s.readahead_kb,
+        readahead_kb,
         if s.record {
             ", recording the loading set"
         } else {

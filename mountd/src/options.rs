@@ -93,7 +93,8 @@ pub struct Cli {
     #[arg(long)]
     pub chunk_kb: Option<u64>,
     /// Kernel read-around of the mount (its bdi read_ahead_kb), i.e. how much
-    /// a page fault reads [default: 128; 0 while recording].
+    /// a page fault reads [default: 16 with a loading set, else 128; 0 while
+    /// recording].
     #[arg(long)]
     pub readahead_kb: Option<u64>,
     /// Mount options, comma separated (may repeat).
@@ -105,8 +106,14 @@ pub struct Cli {
 /// (bench/RESULTS.md): 64 KiB chunks gave 1.6x the 4 KiB random-read IOPS of
 /// 256 KiB chunks at the same sequential throughput.
 pub const DEFAULT_CHUNK_KB: u64 = 64;
-/// Default kernel read-around of the mount (see bench/RESULTS.md, "fault size").
+/// Default kernel read-around of the mount without a loading set: a fault
+/// then brings its neighbours, which a VM without a recorded working set is
+/// likely to need next (the kernel's own default for FUSE).
 pub const DEFAULT_READAHEAD_KB: u64 = 128;
+/// Default read-around once a loading set is in: the faults left are
+/// scattered, and each should read little more than its page (measured in
+/// bench/RESULTS.md: 4-32 KiB beat 128 KiB, 16 KiB best locally).
+pub const LOADING_SET_READAHEAD_KB: u64 = 16;
 /// Default recording window.
 pub const DEFAULT_WINDOW_SECS: f64 = 5.0;
 
@@ -146,8 +153,9 @@ pub struct Settings {
     pub notify_store: bool,
     /// Chunk size in bytes.
     pub chunk_bytes: usize,
-    /// bdi read_ahead_kb to set.
-    pub readahead_kb: u64,
+    /// bdi read_ahead_kb to set (None: [`DEFAULT_READAHEAD_KB`], or
+    /// [`LOADING_SET_READAHEAD_KB`] once a loading set is loaded).
+    pub readahead_kb: Option<u64>,
     /// Kernel mount options.
     pub mount_options: Vec<MountOption>,
     /// Who may access the mount.
@@ -311,14 +319,17 @@ impl Cli {
             "must be 1 to 1048576",
         )?;
         let record = self.record_loading_set || o.record;
-        let readahead = self.readahead_kb.or(o.readahead_kb);
-        let readahead = readahead.unwrap_or(if record { 0 } else { DEFAULT_READAHEAD_KB });
-        let readahead = bounded(
-            "readahead_kb",
-            readahead,
-            0..=MAX_READAHEAD_KB,
-            "must be 0 to 65536",
-        )?;
+        let readahead = self.readahead_kb.or(o.readahead_kb).or(record.then_some(0));
+        let readahead = readahead
+            .map(|kb| {
+                bounded(
+                    "readahead_kb",
+                    kb,
+                    0..=MAX_READAHEAD_KB,
+                    "must be 0 to 65536",
+                )
+            })
+            .transpose()?;
         let window = self
             .loading_set_window
             .or(o.window)
@@ -393,7 +404,7 @@ mod tests {
         assert_eq!(s.loading_set, Some(PathBuf::from("vm.ckpt.ls")));
         assert_eq!(s.threads, 4);
         assert_eq!(s.loader_threads, 2);
-        assert_eq!(s.readahead_kb, DEFAULT_READAHEAD_KB);
+        assert_eq!(s.readahead_kb, None, "decided at mount");
         assert_eq!(s.window, Duration::from_secs(5));
         assert!(s.notify_store && !s.record && !s.foreground && !s.wait_loading_set);
     }
@@ -417,7 +428,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.acl, SessionACL::All);
         assert!(s.record);
-        assert_eq!(s.readahead_kb, 0, "recording reads single pages");
+        assert_eq!(s.readahead_kb, Some(0), "recording reads single pages");
         assert_eq!(s.window, Duration::from_millis(2500));
         assert_eq!(s.loading_set, Some(PathBuf::from("/tmp/x.ls")));
         assert_eq!(

@@ -403,6 +403,15 @@ fn cached_pages(memory: &Path, len: usize) -> Vec<bool> {
     vec.iter().map(|b| b & 1 == 1).collect()
 }
 
+/// The mount's kernel read-around (its bdi's read_ahead_kb).
+fn read_ahead_kb(mnt: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(mnt).unwrap().dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+}
+
 /// Record a loading set by touching `pages` (in order) through a MAP_PRIVATE
 /// mapping, as a VMM would; returns the loading-set path.
 fn record_loading_set(env: &Env, pages: &[u64]) -> std::path::PathBuf {
@@ -419,6 +428,7 @@ fn record_loading_set(env: &Env, pages: &[u64]) -> std::path::PathBuf {
         std::hint::black_box(sum);
         let s = m.stats();
         // Read-around is off while recording: each fault reads exactly its page.
+        assert_eq!(read_ahead_kb(&env.mnt), 0);
         assert_eq!(s["recording"]["touched_pages"], pages.len(), "{s}");
     }
     assert!(m.unmount().unwrap().success());
@@ -483,6 +493,11 @@ fn loading_set_is_recorded_page_by_page_then_in_the_page_cache_before_any_vmm_op
     assert_eq!(mode(&ls) & !mode(&env.fx.ckpt), 0);
 
     let m = env.mount(&["--wait-loading-set", "--prefetch", "none"]);
+    // After a loading set, faults read little around their page.
+    assert_eq!(
+        read_ahead_kb(&env.mnt),
+        mountd::options::LOADING_SET_READAHEAD_KB
+    );
     // The mount returned only once the set was pushed; no one has opened
     // `memory` but the daemon itself.
     let s = m.stats();
@@ -520,6 +535,10 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
     let check_refused = |what: &str| {
         let m = env.mount(&["--wait-loading-set", "--prefetch", "none"]);
         let s = settled(&m);
+        assert_eq!(
+            read_ahead_kb(&env.mnt),
+            mountd::options::DEFAULT_READAHEAD_KB
+        );
         assert_eq!(s["loading_set"]["state"], "refused", "{what}: {s}");
         let warning = s["loading_set"]["warning"].as_str().unwrap().to_owned();
         assert!(warning.contains("vm.ckpt.ls"), "{what}: {warning}");
@@ -534,7 +553,7 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
     let data_at = ckptfs::loadset::data_offset(2) as usize;
     bad[data_at + PAGE + 99] ^= 0x10;
     fs::write(&ls, &bad).unwrap();
-    let w = check_refused("flipped byte");
+    let w = check_refused("flipped byte", mountd::options::LOADING_SET_READAHEAD_KB);
     let page = format!("page {}", a + 1);
     assert!(w.contains(&page) || w.contains("data checksum"), "{w}");
     // A loading set from another checkpoint.
@@ -549,11 +568,11 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
     let other_set = ckptfs::loadset::runs_from_touches(&[(5, 0, false)]);
     let other_ck = Checkpoint::open(&fx.ckpt).unwrap();
     ckptfs::loadset::write(&ls, &other_ck, &other_set, 1000, 0o600).unwrap();
-    let w = check_refused("foreign");
+    let w = check_refused("foreign", mountd::options::DEFAULT_READAHEAD_KB);
     assert!(w.contains("another checkpoint"), "{w}");
     // Truncated.
     fs::write(&ls, &good[..good.len() - 1]).unwrap();
-    check_refused("truncated");
+    check_refused("truncated", mountd::options::DEFAULT_READAHEAD_KB);
 }
 
 #[test]
