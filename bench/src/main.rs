@@ -2,6 +2,7 @@
 
 mod create;
 mod demo;
+mod fuzz;
 mod matrix;
 mod plot;
 mod report;
@@ -71,6 +72,25 @@ enum Command {
         /// Where tables (restore.md), plots and raw results go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+    },
+    /// Mutation fuzzing of the checkpoint and loading-set parsers, page reads,
+    /// the daemon's options and the zero-ranges text (see bench/src/fuzz).
+    Fuzz {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Stop after this many cases.
+        #[arg(long)]
+        iterations: Option<u64>,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where failing inputs are saved.
+        #[arg(long, default_value = "fuzz-failures")]
+        failures: PathBuf,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// The demo: a VM checkpointed, mounted and restored, with its numbers printed.
     Demo {
@@ -193,6 +213,30 @@ fn run(cli: Cli) -> Result<()> {
                 &dir,
                 &out,
             )?;
+        }
+        Command::Fuzz {
+            seconds,
+            iterations,
+            seed,
+            failures,
+            dir,
+        } => {
+            let (_keep, dir) = work_dir(dir)?;
+            let summary = fuzz::run(&fuzz::Options {
+                seconds,
+                iterations,
+                seed,
+                dir,
+                failures_dir: failures,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            anyhow::ensure!(
+                summary.panics == 0 && summary.wrong_bytes == 0,
+                "fuzzing found {} panics and {} wrong-bytes cases: {:?}",
+                summary.panics,
+                summary.wrong_bytes,
+                summary.failures
+            );
         }
         Command::Demo {
             guest_mib,
