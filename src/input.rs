@@ -178,3 +178,104 @@ pub fn advise(file: &File, access: Access) {
     // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };
 }
+
+/// The user a file must be readable by: a daemon running as root on behalf of
+/// someone else serves a checkpoint only if that user could read it and every
+/// disk image and parent it names (the fingerprints and CRCs are integrity
+/// checks, not access control).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reader {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Reader {
+    /// The user `uid` with the groups the system lists for them.
+    pub fn of_uid(uid: u32) -> io::Result<Reader> {
+        // SAFETY: passwd is plain data; getpwuid_r fills it from `buf`, which
+        // outlives every use of the pointers it sets.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16384];
+        let mut res: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: all pointers are valid for the sizes given.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) };
+        if rc != 0 || res.is_null() {
+            // A uid without a passwd entry: its own gid is unknown; no groups.
+            return Ok(Reader {
+                uid,
+                gid: u32::MAX,
+                groups: Vec::new(),
+            });
+        }
+        let gid = pw.pw_gid;
+        let mut groups = vec![0 as libc::gid_t; 256];
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: pw_name points into `buf` (alive); `groups` holds `n` entries.
+        let rc = unsafe { libc::getgrouplist(pw.pw_name, gid, groups.as_mut_ptr(), &mut n) };
+        groups.truncate(if rc < 0 { 0 } else { n.max(0) as usize });
+        Ok(Reader { uid, gid, groups })
+    }
+
+    /// The user named `who` (a name or a numeric uid).
+    pub fn named(who: &str) -> io::Result<Reader> {
+        if let Ok(uid) = who.parse::<u32>() {
+            return Reader::of_uid(uid);
+        }
+        let name = std::ffi::CString::new(who)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
+        // SAFETY: as in `of_uid`; `name` is a valid C string.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16384];
+        let mut res: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: all pointers are valid for the sizes given.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut res,
+            )
+        };
+        if rc != 0 || res.is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no user named {who:?}"),
+            ));
+        }
+        Reader::of_uid(pw.pw_uid)
+    }
+
+    fn allows(&self, m: &Metadata, bit: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mode = m.mode();
+        let class = if m.uid() == self.uid {
+            mode >> 6
+        } else if m.gid() == self.gid || self.groups.contains(&m.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & bit != 0
+    }
+
+    /// Whether this user could read `path`: search permission on every
+    /// directory above it (after resolving symlinks) and read permission on
+    /// the file. Root may read everything.
+    pub fn may_read(&self, path: &Path) -> io::Result<bool> {
+        if self.uid == 0 {
+            return Ok(true);
+        }
+        let real = std::fs::canonicalize(path)?;
+        for dir in real.ancestors().skip(1) {
+            if !self.allows(&std::fs::metadata(dir)?, 0o1) {
+                return Ok(false);
+            }
+        }
+        Ok(self.allows(&std::fs::metadata(&real)?, 0o4))
+    }
+}

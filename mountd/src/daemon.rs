@@ -178,6 +178,22 @@ fn lazy_unmount(mnt: &Path) {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
+/// The user the mount is for: `--for-user`, else the checkpoint file's owner
+/// (the mount's files take the checkpoint's owner and mode, so whatever they
+/// serve must be readable by that user: a root daemon must not serve a
+/// root-only disk image that a user's crafted checkpoint names).
+fn mount_reader(s: &Settings) -> anyhow::Result<ckptfs::input::Reader> {
+    use ckptfs::input::Reader;
+    use std::os::unix::fs::MetadataExt;
+    if let Some(who) = &s.for_user {
+        return Reader::named(who).with_context(|| format!("--for-user {who}"));
+    }
+    let owner = fs::metadata(&s.checkpoint)
+        .with_context(|| format!("checkpoint {}", s.checkpoint.display()))?
+        .uid();
+    Ok(Reader::of_uid(owner)?)
+}
+
 /// Refuse a mount point that is missing, not a directory, already a ckptfs
 /// mount, or a stale FUSE mount whose daemon died, and say the way out.
 fn check_mount_point(mnt: &Path) -> anyhow::Result<()> {
@@ -251,8 +267,16 @@ fn save_loading_set(s: &Settings, shared: &Shared) {
 pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     check_mount_point(&s.mountpoint)?;
     // The library's errors name the checkpoint or disk image themselves.
-    let ckpt = Checkpoint::open(&s.checkpoint)?;
-    let owner = Ownership::of(&fs::metadata(&s.checkpoint)?);
+    let reader = mount_reader(s)?;
+    let opts = ckptfs::OpenOptions {
+        reader: Some(reader),
+        ..Default::default()
+    };
+    let ckpt = Checkpoint::open_with(&s.checkpoint, &opts)?;
+    // The mount's files take the checkpoint's owner, and no more permission
+    // than every file the pages come from allows.
+    let mut owner = Ownership::of(&fs::metadata(&s.checkpoint)?);
+    owner.mode &= ckpt.sources_mode() as u16;
     let vmm_state = ckpt.vmm_state().to_vec();
     let source: Arc<dyn PageReader> = Arc::new(ckpt);
     let recorder = s

@@ -2,7 +2,7 @@
 //!
 //! Every flag also has a `-o` spelling (`cache_mb=N`, `prefetch=P`,
 //! `loading_set=F`, `no_loading_set`, `record_loading_set`,
-//! `loading_set_window=S`, `wait_loading_set`, `loader_threads=N`, `threads=N`,
+//! `loading_set_window=S`, `wait_loading_set`, `loader_threads=N`, `for_user=U`, `threads=N`,
 //! `notify_store=BOOL`, `chunk_kb=N`, `readahead_kb=N`, `foreground`) so
 //! `mount -t fuse.ckptfs` can pass them through mount.fuse.ckptfs. An explicit
 //! flag wins over `-o`. Numbers are bounded: a value outside its range is one
@@ -80,6 +80,10 @@ pub struct Cli {
     /// Detach (return) only once the loading set is in the page cache.
     #[arg(long)]
     pub wait_loading_set: bool,
+    /// Serve only what this user (name or uid) may read: the checkpoint and
+    /// every disk image and parent it names [default: the checkpoint's owner].
+    #[arg(long, value_name = "USER")]
+    pub for_user: Option<String>,
     /// Threads that verify and push loading-set pages [default: 2].
     #[arg(long)]
     pub loader_threads: Option<usize>,
@@ -147,6 +151,8 @@ pub struct Settings {
     pub wait_loading_set: bool,
     /// Loader push threads.
     pub loader_threads: usize,
+    /// The user the mount is for (None: the default, resolved at mount).
+    pub for_user: Option<String>,
     /// FUSE threads.
     pub threads: usize,
     /// Use notify-store.
@@ -197,6 +203,7 @@ struct FromOpts {
     loading_set: Option<PathBuf>,
     window: Option<f64>,
     loader_threads: Option<u64>,
+    for_user: Option<String>,
     threads: Option<u64>,
     notify_store: Option<bool>,
     chunk_kb: Option<u64>,
@@ -230,6 +237,7 @@ fn parse_opt(o: &str, acc: &mut FromOpts) -> Result<(), OptionError> {
             )
         }
         ("loading_set", Some(v)) => acc.loading_set = Some(PathBuf::from(v)),
+        ("for_user", Some(v)) => acc.for_user = Some(v.to_string()),
         ("notify_store", Some(v)) => {
             acc.notify_store = Some(parse_bool(v).ok_or(bad(o, "expected true|false"))?)
         }
@@ -363,6 +371,16 @@ impl Cli {
             let name = self.checkpoint.display().to_string().replace(',', "_");
             mount_options.push(MountOption::FSName(name));
         }
+        // With allow_other the kernel must check every access against the
+        // files' owner and mode (fuse's default_permissions): guest RAM is as
+        // private as the checkpoint, not readable by every local user.
+        if o.acl == SessionACL::All
+            && !mount_options
+                .iter()
+                .any(|m| matches!(m, MountOption::DefaultPermissions))
+        {
+            mount_options.push(MountOption::DefaultPermissions);
+        }
         // Kernel-side subtype: /proc/mounts shows "fuse.ckptfs".
         mount_options.push(MountOption::CUSTOM("subtype=ckptfs".into()));
         Ok(Settings {
@@ -376,6 +394,7 @@ impl Cli {
             window: Duration::from_secs_f64(window),
             wait_loading_set: self.wait_loading_set || o.wait_loading_set,
             loader_threads: loader as usize,
+            for_user: self.for_user.clone().or(o.for_user),
             threads: threads as usize,
             notify_store: self.notify_store.or(o.notify_store).unwrap_or(true),
             chunk_bytes: (chunk_kb << 10) as usize,
@@ -427,6 +446,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(s.acl, SessionACL::All);
+        assert!(
+            s.mount_options.contains(&MountOption::DefaultPermissions),
+            "allow_other implies default_permissions"
+        );
         assert!(s.record);
         assert_eq!(s.readahead_kb, Some(0), "recording reads single pages");
         assert_eq!(s.window, Duration::from_millis(2500));

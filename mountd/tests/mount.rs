@@ -656,6 +656,104 @@ fn a_checkpoint_truncated_under_the_mount_gives_eio_and_the_daemon_survives() {
     assert!(m.unmount().unwrap().success(), "the daemon died");
 }
 
+/// Run `cmd` as the unprivileged user 65534 (nobody); its exit status.
+fn as_nobody(cmd: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .args(cmd)
+        .output()
+        .unwrap()
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn guest_ram_is_as_private_as_the_checkpoint_under_allow_other() {
+    let env = Env::new();
+    chmod(env.dir.path(), 0o755);
+    chmod(&env.fx.ckpt, 0o600);
+    let m = env.mount(&["-o", "allow_other"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(env.memory()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "memory takes the checkpoint's mode");
+    let mem = env.memory();
+    let out = as_nobody(&["head", "-c", "4096", mem.to_str().unwrap()]);
+    assert!(!out.status.success(), "another user read guest RAM");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(m);
+    // A checkpoint others may read: so may they read the mount.
+    chmod(&env.fx.ckpt, 0o644);
+    chmod(&env.fx.disk, 0o644);
+    let m = env.mount(&["-o", "allow_other"]);
+    let out = as_nobody(&["head", "-c", "4096", mem.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == env.original()[..4096]);
+    drop(m);
+}
+
+#[test]
+fn a_root_daemon_serves_only_what_the_checkpoints_owner_may_read() {
+    let env = Env::new();
+    chmod(env.dir.path(), 0o755);
+    chmod(&env.fx.ckpt, 0o644);
+    chmod(&env.fx.disk, 0o600); // root's disk image
+    // The checkpoint belongs to an unprivileged user.
+    let c = std::ffi::CString::new(env.fx.ckpt.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C path; chown changes only the file's owner.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let out = Command::new(common::mountd_bin())
+        .arg(&env.fx.ckpt)
+        .arg(&env.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("disk.img") && err.contains("not readable by uid 65534"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&(common::DISK_MIB << 20).to_string()),
+        "tells the size: {err}"
+    );
+    assert!(!is_mounted(&env.mnt));
+    // Root may say it is for root; or the owner may be given read access.
+    let m = env.mount(&["--for-user", "root"]);
+    drop(m);
+    chmod(&env.fx.disk, 0o640);
+    let out = Command::new(common::mountd_bin())
+        .arg(&env.fx.ckpt)
+        .arg(&env.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "group root does not include nobody");
+    chmod(&env.fx.disk, 0o644);
+    let m = env.mount(&[]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(env.memory()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+    drop(m);
+}
+
 #[test]
 fn bad_checkpoint_is_refused_with_one_clear_line() {
     let env = Env::new();

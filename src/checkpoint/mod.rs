@@ -104,6 +104,16 @@ pub enum OpenError {
         #[source]
         source: FormatError,
     },
+    /// A file the checkpoint needs may not be read by the user it is served for.
+    #[error("{what} {path} is not readable by uid {uid}, for whom it would be served")]
+    NotReadable {
+        /// "checkpoint", "disk image" or "parent checkpoint".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The user.
+        uid: u32,
+    },
     /// A backing disk image is missing, unreadable, or changed.
     #[error("checkpoint {path} needs a backing disk image")]
     Disk {
@@ -213,6 +223,9 @@ pub struct OpenOptions {
     /// (for `inspect`): what failed is listed by [`Checkpoint::missing`], and
     /// reads of the pages it holds fail.
     pub allow_missing: bool,
+    /// Serve only what this user may read: the checkpoint, every disk image
+    /// and every parent is checked before it is opened (None: no check).
+    pub reader: Option<crate::input::Reader>,
 }
 
 /// A disk image or parent that an `allow_missing` open could not use.
@@ -237,6 +250,7 @@ pub struct Ancestor {
     path: PathBuf,
     file: std::fs::File,
     header: Header,
+    mode: u32,
 }
 
 impl Ancestor {
@@ -315,6 +329,7 @@ impl Checkpoint {
         depth: usize,
         budget: &mut usize,
     ) -> Result<Self, OpenError> {
+        check_readable(opts, "checkpoint", path)?;
         let v = validate::validate(path)?;
         let mut ck = Checkpoint {
             path: path.to_owned(),
@@ -364,6 +379,8 @@ impl Checkpoint {
         }
         for (i, r) in self.disk_records.iter().enumerate() {
             let p = opts.disk_override.as_ref().map_or(&r.path, |o| &o[i]);
+            // Before the image is opened: a refusal must not tell its size.
+            check_readable(opts, "disk image", p)?;
             let opened = DiskImage::open(p).and_then(|image| {
                 image.check(r, !opts.skip_fingerprint)?;
                 Ok(image)
@@ -448,6 +465,19 @@ impl Checkpoint {
         self.mode
     }
 
+    /// The permission bits every file this checkpoint's pages come from
+    /// allows (the intersection over the checkpoint, its ancestors and its
+    /// open disk images): what serves these pages should allow no more.
+    pub fn sources_mode(&self) -> u32 {
+        let disks = self
+            .disks
+            .iter()
+            .filter_map(|s| s.image.as_ref())
+            .map(|d| d.mode());
+        let ancestors = self.ancestors.iter().map(|a| a.mode);
+        disks.chain(ancestors).fold(self.mode, |m, x| m & x)
+    }
+
     fn raw_entry(&self, page: u64) -> &[u8] {
         let at = page as usize * ENTRY_LEN;
         &self.table[at..at + ENTRY_LEN]
@@ -524,6 +554,22 @@ impl Checkpoint {
     /// Read blobs `b, b + 1, ...` (as many as `out` holds; in range).
     fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
         read_blobs(&self.file, &self.header, b, out)
+    }
+}
+
+/// Refuse `path` if the user the checkpoint is served for may not read it
+/// (a missing file is left to the open that follows, which names it).
+fn check_readable(opts: &OpenOptions, what: &'static str, path: &Path) -> Result<(), OpenError> {
+    let Some(reader) = &opts.reader else {
+        return Ok(());
+    };
+    match reader.may_read(path) {
+        Ok(false) => Err(OpenError::NotReadable {
+            what,
+            path: path.to_owned(),
+            uid: reader.uid,
+        }),
+        Ok(true) | Err(_) => Ok(()),
     }
 }
 

@@ -272,6 +272,7 @@ impl Checkpoint {
                 path: ck.path,
                 file: ck.file,
                 header: ck.header,
+                mode: ck.mode,
             });
             self.ancestors.extend(ancestors);
         }
