@@ -16,28 +16,13 @@ fn main_exec() -> anyhow::Result<()> {
     daemon::serve(&settings, ready)
 }
 
-/// The error chain on one line, skipping a cause whose text the line already has.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
 fn main() -> ExitCode {
     env_logger::init();
     match main_exec() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ckptfs-mountd: {}", one_line(&e));
+            // Every error names its step once and chains its cause: one line.
+            eprintln!("ckptfs-mountd: {e:#}");
             ExitCode::FAILURE
         }
     }

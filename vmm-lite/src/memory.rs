@@ -129,8 +129,10 @@ impl GuestMemory {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
-        let actual = file.metadata().map_err(open_err)?.len();
+        // A directory, FIFO or device is refused by its type before any read
+        // (a FIFO would block, a directory has a size that means nothing).
+        let (file, meta) = ckptfs::input::open_regular(path).map_err(open_err)?;
+        let actual = meta.len();
         if actual < size {
             return Err(MemoryError::TooShort {
                 path: path.to_owned(),

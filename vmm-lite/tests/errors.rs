@@ -78,6 +78,32 @@ fn missing_memory_file_is_named() {
 }
 
 #[test]
+fn a_directory_or_fifo_as_memory_file_is_refused_by_its_type() {
+    let (t, _raw, state) = checkpointed();
+    let fifo = t.p("mem.fifo");
+    let c = std::ffi::CString::new(fifo.as_str()).unwrap();
+    // SAFETY: a valid C path; mkfifo creates a FIFO there.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let dir = t.p("");
+    for (path, kind) in [(dir.as_str(), "a directory"), (fifo.as_str(), "a FIFO")] {
+        let err = run_fails(&[
+            "restore",
+            "--mem-file",
+            path,
+            "--state",
+            &state,
+            "--disk",
+            &t.disk(),
+        ]);
+        let line = one_line(&err);
+        assert!(
+            line.contains(path) && line.contains("not a regular file") && line.contains(kind),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn missing_disk_is_named_for_run_and_restore() {
     let (t, raw, state) = checkpointed();
     let missing = t.p("nodisk.img");
