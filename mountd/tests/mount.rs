@@ -470,7 +470,14 @@ fn loading_set_is_recorded_page_by_page_then_in_the_page_cache_before_any_vmm_op
         nonzero_run(&ck, 2000, 1),
     );
     let touched = [a, b, c, c + 1, c + 2, zero, d];
+    // A symlink planted where the loading set goes: the root daemon must
+    // replace it, never write through it.
+    let victim = env.dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, env.dir.path().join("vm.ckpt.ls")).unwrap();
     let ls = record_loading_set(&env, &touched);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(!fs::symlink_metadata(&ls).unwrap().is_symlink());
     let set = ckptfs::loadset::LoadingSet::open(&ls, &ck).unwrap();
     let runs: Vec<(u64, u32, bool)> = set
         .runs()
