@@ -78,9 +78,9 @@ wait_background() {
 # times, and the summary reports medians. Cold = dropped caches and a fresh
 # daemon; warm = the same job again right after, keeping the page cache.
 if [[ " $ONLY " == *" main "* ]]; then
-  # No working set here: a sidecar recorded from these very jobs would make the
+  # No loading set here: one recorded from these very jobs would make the
   # random jobs replay their own offsets (that is the policies section's point).
-  rm -f "$FX/vm.ckpt.ws"
+  rm -f "$FX/vm.ckpt.ls"
   for rep in $(seq "$REPEAT"); do
     for job in seq-1m rand-4k mmap multi; do
       echo "fio bench: $job, run $rep" >&2
@@ -96,16 +96,20 @@ if [[ " $ONLY " == *" main "* ]]; then
 fi
 
 if [[ " $ONLY " == *" policies "* ]]; then
-  # Record a working set with the random job (REAP: the same workload again).
-  rm -f "$FX/vm.ckpt.ws"
-  drop_caches; mount_fresh --prefetch none --record-workingset
+  # Record a loading set with the random job (REAP: the same workload again).
+  rm -f "$FX/vm.ckpt.ls"
+  drop_caches; mount_fresh --prefetch none --record-loading-set --loading-set-window 3600
   fio_run "record-rand-4k" rand-4k "$MNT/memory"
   unmount
   for rep in $(seq "$REPEAT"); do
-    for policy in none readahead workingset all; do
+    for policy in none readahead loadingset all; do
       for job in seq-1m rand-4k; do
         echo "fio bench: policy $policy, $job, run $rep" >&2
-        drop_caches; mount_fresh --prefetch "$policy"
+        case $policy in
+          loadingset) flags=(--prefetch none --wait-loading-set) ;;
+          *) flags=(--prefetch "$policy" --no-loading-set) ;;
+        esac
+        drop_caches; mount_fresh "${flags[@]}"
         fio_run "policy-$policy-$job-r$rep" "$job" "$MNT/memory"
         daemon_mem "policy-$policy-$job"
         unmount

@@ -77,7 +77,7 @@ if rows:
     print()
 
 prow = []
-for p in ["none", "readahead", "workingset", "all"]:
+for p in ["none", "readahead", "loadingset", "all"]:
     s, r = load(f"policy-{p}-seq-1m"), load(f"policy-{p}-rand-4k")
     if not s or not r:
         continue

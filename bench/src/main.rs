@@ -100,8 +100,8 @@ enum Command {
         /// Seconds each restored VM serves requests.
         #[arg(long, default_value_t = 2.0)]
         duration: f64,
-        /// Guest workload: mixed, pagecache or anon.
-        #[arg(long, default_value = "mixed")]
+        /// Guest workload: desktop, mixed, pagecache or anon.
+        #[arg(long, default_value = "desktop")]
         workload: String,
         /// Print the results as JSON.
         #[arg(long)]
