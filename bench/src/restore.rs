@@ -45,6 +45,8 @@ pub struct CkptfsOpts {
     pub no_wait: bool,
     /// The mount's `--prefetch` policy, if not the default (`all`).
     pub prefetch: Option<&'static str>,
+    /// The mount's `--background-share`, if not the default.
+    pub background_share: Option<u32>,
 }
 
 impl Method {
@@ -72,6 +74,9 @@ impl Method {
                 if let Some(p) = o.prefetch {
                     s.push_str(&format!("-p{p}"));
                 }
+                if let Some(b) = o.background_share {
+                    s.push_str(&format!("-bs{b}"));
+                }
                 s
             }
         }
@@ -84,6 +89,7 @@ impl Method {
         readahead_kb: None,
         no_wait: false,
         prefetch: None,
+        background_share: None,
     });
     /// ckptfs with the loading set.
     pub const CKPTFS_LS: Method = Method::Ckptfs(CkptfsOpts {
@@ -92,6 +98,7 @@ impl Method {
         readahead_kb: None,
         no_wait: false,
         prefetch: None,
+        background_share: None,
     });
 
     /// ckptfs with the loading set, zero ranges mapped anonymous.
@@ -101,6 +108,7 @@ impl Method {
         readahead_kb: None,
         no_wait: false,
         prefetch: None,
+        background_share: None,
     });
 
     /// Every method of the standard matrix, the baselines first.
@@ -141,6 +149,13 @@ impl Method {
                 "pnone" => o.prefetch = Some("none"),
                 "preadahead" => o.prefetch = Some("readahead"),
                 "pall" => o.prefetch = Some("all"),
+                p if p.starts_with("bs") => {
+                    o.background_share = Some(
+                        p[2..]
+                            .parse()
+                            .with_context(|| format!("bad share in method {s:?}"))?,
+                    );
+                }
                 p => {
                     let kb = p
                         .strip_prefix("ra")
@@ -389,6 +404,9 @@ impl Mount {
                 }
                 if let Some(p) = o.prefetch {
                     cmd.arg("--prefetch").arg(p);
+                }
+                if let Some(b) = o.background_share {
+                    cmd.arg("--background-share").arg(b.to_string());
                 }
             }
         }

@@ -307,7 +307,7 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     } else {
         crate::options::DEFAULT_READAHEAD_KB
     });
-    let sched = Arc::new(Scheduler::default());
+    let sched = Arc::new(Scheduler::with_background_share(s.background_share));
     let reads = ReadPath::new(shared.clone(), sched.clone());
     let fs = CkptFs::new(shared.clone(), reads, vmm_state, owner);
 

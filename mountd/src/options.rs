@@ -84,6 +84,10 @@ pub struct Cli {
     /// every disk image and parent it names [default: the checkpoint's owner].
     #[arg(long, value_name = "USER")]
     pub for_user: Option<String>,
+    /// Percent of the time the background sweep may take while the VM is
+    /// still faulting (0: a trickle of one chunk every 50 ms) [default: 0].
+    #[arg(long, value_name = "PCT")]
+    pub background_share: Option<u32>,
     /// Threads that verify and push loading-set pages [default: 2].
     #[arg(long)]
     pub loader_threads: Option<usize>,
@@ -151,6 +155,8 @@ pub struct Settings {
     pub wait_loading_set: bool,
     /// Loader push threads.
     pub loader_threads: usize,
+    /// Background sweep share while the VM faults, percent.
+    pub background_share: u32,
     /// The user the mount is for (None: the default, resolved at mount).
     pub for_user: Option<String>,
     /// FUSE threads.
@@ -203,6 +209,7 @@ struct FromOpts {
     loading_set: Option<PathBuf>,
     window: Option<f64>,
     loader_threads: Option<u64>,
+    background_share: Option<u64>,
     for_user: Option<String>,
     threads: Option<u64>,
     notify_store: Option<bool>,
@@ -225,6 +232,7 @@ fn parse_opt(o: &str, acc: &mut FromOpts) -> Result<(), OptionError> {
         ("cache_mb", v) => acc.cache_mb = Some(num(v)?),
         ("threads", v) => acc.threads = Some(num(v)?),
         ("loader_threads", v) => acc.loader_threads = Some(num(v)?),
+        ("background_share", v) => acc.background_share = Some(num(v)?),
         ("chunk_kb", v) => acc.chunk_kb = Some(num(v)?),
         ("readahead_kb", v) => acc.readahead_kb = Some(num(v)?),
         ("loading_set_window", Some(v)) => {
@@ -394,6 +402,15 @@ impl Cli {
             window: Duration::from_secs_f64(window),
             wait_loading_set: self.wait_loading_set || o.wait_loading_set,
             loader_threads: loader as usize,
+            background_share: bounded(
+                "background_share",
+                self.background_share
+                    .map(u64::from)
+                    .or(o.background_share)
+                    .unwrap_or(0),
+                0..=100,
+                "must be 0 to 100",
+            )? as u32,
             for_user: self.for_user.clone().or(o.for_user),
             threads: threads as usize,
             notify_store: self.notify_store.or(o.notify_store).unwrap_or(true),

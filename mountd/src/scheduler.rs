@@ -48,6 +48,8 @@ fn now_us() -> u64 {
 /// Priority state shared by the read path and the workers.
 #[derive(Debug, Default)]
 pub struct Scheduler {
+    /// Percent of the time the sweep may take while the VM faults (0: trickle).
+    share: u32,
     demand: AtomicU64,
     /// When the last demand read ended ([`now_us`]; 0 = never).
     last_demand_us: AtomicU64,
@@ -123,12 +125,27 @@ impl Scheduler {
         last > 0 && now_us().saturating_sub(last) < RECENT_DEMAND.as_micros() as u64
     }
 
-    /// After a background fetch that took `took`: while the VM is still
-    /// faulting, wait out the rest of [`TRICKLE`].
-    pub fn pace(&self, took: Duration) {
-        if self.demand_is_recent() {
-            thread::sleep(TRICKLE.saturating_sub(took));
+    /// A scheduler whose background sweep may take `share` percent of the
+    /// time while the VM faults (0: a trickle, one chunk every [`TRICKLE`];
+    /// 100: no pause beyond waiting for demand reads in flight).
+    pub fn with_background_share(share: u32) -> Self {
+        Scheduler {
+            share: share.min(100),
+            ..Scheduler::default()
         }
+    }
+
+    /// After a background fetch that took `took`: while the VM is still
+    /// faulting, step aside as the share says.
+    pub fn pace(&self, took: Duration) {
+        if !self.demand_is_recent() || self.share >= 100 {
+            return;
+        }
+        let pause = match self.share {
+            0 => TRICKLE.saturating_sub(took),
+            s => (took * (100 - s) / s).min(TRICKLE),
+        };
+        thread::sleep(pause);
     }
 
     /// Wait (at most [`MAX_YIELD`]) while demand reads are in flight.
@@ -416,6 +433,24 @@ mod tests {
             t0.elapsed() < Duration::from_millis(5),
             "idle VM: full speed"
         );
+    }
+
+    #[test]
+    fn a_background_share_paces_by_the_fetch_time() {
+        let sched = Scheduler::with_background_share(25);
+        drop(sched.demand());
+        let t0 = Instant::now();
+        sched.pace(Duration::from_millis(2));
+        let e = t0.elapsed();
+        assert!(
+            e >= Duration::from_millis(6) && e < Duration::from_millis(40),
+            "{e:?}"
+        );
+        let sched = Scheduler::with_background_share(100);
+        drop(sched.demand());
+        let t0 = Instant::now();
+        sched.pace(Duration::from_millis(2));
+        assert!(t0.elapsed() < Duration::from_millis(2));
     }
 
     #[test]
