@@ -1,5 +1,7 @@
 //! Subcommands of the `ckptfs` CLI.
 
+mod qemu;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -64,6 +66,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Checkpoint a running QEMU VM (`qemu save`), or restore one lazily from a
+    /// mounted checkpoint (`qemu restore`).
+    Qemu {
+        #[command(subcommand)]
+        command: qemu::QemuCommand,
+    },
 }
 
 /// Run a parsed command line.
@@ -83,6 +91,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => verify_cmd(&checkpoint, mem.as_deref(), json),
         Command::Mount { args } => mount(&args),
+        Command::Qemu { command } => qemu::run(command),
     }
 }
 

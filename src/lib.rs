@@ -49,6 +49,7 @@ pub mod create;
 pub mod disk;
 pub mod format;
 pub mod loadset;
+pub mod qemu;
 pub mod source;
 pub mod synth;
 pub mod types;
