@@ -181,6 +181,7 @@ fn machine<'a>(
         run_dir: dir,
         name,
         extra_args: Vec::new(),
+        ram_object: None,
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Machine<'a> {
     pub name: &'a str,
     /// More QEMU arguments (e.g. a second -qmp socket, -S).
     pub extra_args: Vec<String>,
+    /// Another RAM backend instead of the memory-backend-file on `mem_path`
+    /// (e.g. `memory-backend-ram,id=pc.ram,size=1024M`).
+    pub ram_object: Option<String>,
 }
 
 impl Machine<'_> {
@@ -70,11 +73,13 @@ impl Machine<'_> {
             "-m".into(),
             format!("{}M", self.mem_mib),
             "-object".into(),
-            format!(
-                "memory-backend-file,id=pc.ram,size={}M,mem-path={},share={share}",
-                self.mem_mib,
-                self.mem_path.display()
-            ),
+            self.ram_object.clone().unwrap_or_else(|| {
+                format!(
+                    "memory-backend-file,id=pc.ram,size={}M,mem-path={},share={share}",
+                    self.mem_mib,
+                    self.mem_path.display()
+                )
+            }),
             "-machine".into(),
             "pc,memory-backend=pc.ram".into(),
             "-kernel".into(),
