@@ -335,14 +335,20 @@ fn one_line(said: &str, status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Kill the child with SIGTERM when this process dies, however it dies
-/// (the signal thread of `main` exits without unwinding).
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl and getppid are async-signal-safe; the closure touches no
-    // memory of the parent.
+/// Prepare a child: its signal mask emptied (`main` blocks SIGINT, SIGTERM
+/// and SIGHUP for its signal thread, and a mask survives fork and exec: QEMU
+/// would ignore them), and SIGTERM sent to it when this process dies, however
+/// it dies (the signal thread exits without unwinding).
+fn supervised(cmd: &mut Command) {
+    // SAFETY: sigemptyset, sigprocmask and prctl are async-signal-safe; the
+    // closure touches only its own stack.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -394,7 +400,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
+        supervised(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot run {}", super::mountd_path().display()))?;
@@ -536,7 +542,7 @@ fn exec_restore(
         .args(plan.rewrite(&cmd[1..])?)
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", socket.display()));
-    die_with_parent(&mut qemu_cmd);
+    supervised(&mut qemu_cmd);
     let mut qemu = QemuChild(
         qemu_cmd
             .spawn()
