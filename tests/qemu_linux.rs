@@ -457,9 +457,10 @@ fn report(
     println!("QEMU_LINUX_RESULTS {json}");
 }
 
-/// `ckptfs qemu save` then `ckptfs qemu restore --exec`, as a user runs them:
-/// the restored guest gives the same answers without reading its disks, and
-/// the mount is gone once QEMU has quit.
+/// `ckptfs qemu save` then `ckptfs qemu restore --exec`, as a user runs them,
+/// twice: recording the loading set (refined with QEMU's page tables), then
+/// using it. Each restored guest gives the same answers without reading its
+/// disks, and the mount is gone once QEMU has quit.
 #[test]
 fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
     let t0 = Instant::now();
@@ -508,22 +509,73 @@ fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
     );
     let saved = t0.elapsed() - booted;
 
-    // The same command line again, through ckptfs.
+    // The same command line again, through ckptfs: once recording the
+    // loading set, once using it.
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let launcher: Vec<std::ffi::OsString> = vec![
+    let m = machine(&guest, dir, &ram, true, &disks, "cli-record");
+    let t = Instant::now();
+    let stats = cli_restore(
+        &m,
+        &ckpt,
+        &mnt,
+        &["--record-loading-set", "--refine-loading-set"],
+        &guest,
+        &want,
+        &want_counters,
+    );
+    let log = std::fs::read_to_string(dir.join("cli-record.log")).unwrap();
+    assert!(
+        log.contains("recorded pages kept (those QEMU mapped)"),
+        "the recorded loading set was not refined with QEMU's page tables: {log}"
+    );
+    let ck = ckptfs::Checkpoint::open(&ckpt).unwrap();
+    let set = ckptfs::loadset::LoadingSet::open(&dir.join("vm.ckpt.ls"), &ck).unwrap();
+    let set_pages: u64 = set.runs().iter().map(|r| u64::from(r.pages)).sum();
+    assert!(
+        set_pages > 0 && set_pages < ck.page_count(),
+        "loading set of {set_pages} pages"
+    );
+    let m = machine(&guest, dir, &ram, true, &disks, "cli-restore");
+    let with_set = cli_restore(&m, &ckpt, &mnt, &[], &guest, &want, &want_counters);
+    assert_eq!(
+        with_set["loading_set"]["state"], "done",
+        "the restore did not use the loading set: {with_set}"
+    );
+    println!(
+        "qemu_cli: boot {:.1} s, save {:.1} s ({state} bytes of device state, checkpoint {:.1} MiB), two restores + checks {:.1} s; the recording mount served {} bytes",
+        booted.as_secs_f64(),
+        saved.as_secs_f64(),
+        report["checkpoint"]["checkpoint_bytes"].as_f64().unwrap() / 1048576.0,
+        t.elapsed().as_secs_f64(),
+        stats["read_bytes"]
+    );
+    println!("qemu_cli: loading set {set_pages} pages after refinement");
+}
+
+/// `ckptfs qemu restore CKPT MNT OPTS --exec -- qemu-system-x86_64` of the
+/// saved command line `m`: the guest must resume, answer `want` without
+/// reading its disks, and the mount must be gone once QEMU has quit. Returns
+/// the mount's stats.
+fn cli_restore(
+    m: &Machine,
+    ckpt: &Path,
+    mnt: &Path,
+    opts: &[&str],
+    guest: &Guest,
+    want: &Answers,
+    want_counters: &ReadCounters,
+) -> Value {
+    let mut launcher: Vec<std::ffi::OsString> = vec![
         qemu::ckptfs_bin().into(),
         "qemu".into(),
         "restore".into(),
-        ckpt.clone().into(),
-        mnt.clone().into(),
-        "--exec".into(),
-        "--".into(),
-        "qemu-system-x86_64".into(),
+        ckpt.into(),
+        mnt.into(),
     ];
-    let mut m = machine(&guest, dir, &ram, true, &disks, "cli-restore");
-    m.incoming = false;
-    let mut vm = Qemu::start_via(&m, &launcher);
+    launcher.extend(opts.iter().map(Into::into));
+    launcher.extend(["--exec".into(), "--".into(), "qemu-system-x86_64".into()]);
+    let mut vm = Qemu::start_via(m, &launcher);
     let t = Instant::now();
     while !vm.qmp.query_status().unwrap().running {
         assert!(
@@ -533,15 +585,15 @@ fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let got = ask(&mut vm, &guest, false);
+    let got = ask(&mut vm, guest, false);
     assert_eq!(
-        got, want,
-        "the guest restored by ckptfs qemu restore answers differently"
+        got, *want,
+        "the guest restored by ckptfs qemu restore {opts:?} answers differently"
     );
     assert_eq!(
         read_counters(&mut vm),
-        want_counters,
-        "the guest restored by ckptfs qemu restore read its disks"
+        *want_counters,
+        "the guest restored by ckptfs qemu restore {opts:?} read its disks"
     );
     let stats: Value = serde_json::from_slice(&std::fs::read(mnt.join("stats")).unwrap()).unwrap();
     assert!(
@@ -554,14 +606,7 @@ fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
         "ckptfs qemu restore left {} mounted after QEMU quit",
         mnt.display()
     );
-    println!(
-        "qemu_cli: boot {:.1} s, save {:.1} s ({state} bytes of device state, checkpoint {:.1} MiB), restore + check {:.1} s; the mount served {} bytes",
-        booted.as_secs_f64(),
-        saved.as_secs_f64(),
-        report["checkpoint"]["checkpoint_bytes"].as_f64().unwrap() / 1048576.0,
-        t.elapsed().as_secs_f64(),
-        stats["read_bytes"]
-    );
+    stats
 }
 
 /// `ckptfs qemu save` refuses, in one line naming the backend and the fix,

@@ -11,13 +11,16 @@
 //! The guest is checkpointed once, paused: QEMU's own migration stream with
 //! RAM (for eager), then `ckptfs qemu save` (the device state with
 //! x-ignore-shared, and the checkpoint; the RAM file is lazy-raw's dump).
-//! One recording restore through `ckptfs qemu restore --record-loading-set`
-//! runs the task on a different file set (files 0-7 instead of 1-8) and heap
-//! seed. Then every method restores from a cold host page cache:
+//! Two recording restores through `ckptfs qemu restore --record-loading-set`
+//! run the task on a different file set (files 0-7 instead of 1-8) and heap
+//! seed: one keeps the set as the mount records it (whole 2 MiB windows, as
+//! QEMU faults), one with `--refine-loading-set` (only the pages QEMU
+//! mapped). Then every method restores from a cold host page cache:
 //! - eager: `-incoming` of QEMU's stream (`exec:cat`), what `virsh restore` does;
 //! - lazy-raw: mem-path on the raw RAM file, share=off, device state migrated in;
 //! - ckptfs / ckptfs-ls: `ckptfs qemu restore --exec` without / with the loading set
 //!   (QEMU 7.2: the set is pushed while QEMU runs, see src/qemu/restore.rs);
+//! - ckptfs-ls-refined: with the refined loading set;
 //! - ckptfs-ls-demand: with the loading set, `--prefetch none` (no background
 //!   sweep of the rest competing with demand reads for the storage);
 //! - warm: lazy-raw with the RAM file in the page cache: the guest-CPU floor.
@@ -74,6 +77,8 @@ pub enum Method {
     Ckptfs,
     /// ckptfs qemu restore with the loading set.
     CkptfsLs,
+    /// ckptfs qemu restore with the loading set refined to the pages QEMU mapped.
+    CkptfsLsRefined,
     /// ckptfs qemu restore with the loading set and no background sweep
     /// (`--prefetch none`: only demand reads and the loading set use the storage).
     CkptfsLsDemand,
@@ -83,11 +88,12 @@ pub enum Method {
 
 impl Method {
     /// Every method, baselines first.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::Eager,
         Method::LazyRaw,
         Method::Ckptfs,
         Method::CkptfsLs,
+        Method::CkptfsLsRefined,
         Method::CkptfsLsDemand,
         Method::Warm,
     ];
@@ -99,6 +105,7 @@ impl Method {
             Method::LazyRaw => "lazy-raw",
             Method::Ckptfs => "ckptfs",
             Method::CkptfsLs => "ckptfs-ls",
+            Method::CkptfsLsRefined => "ckptfs-ls-refined",
             Method::CkptfsLsDemand => "ckptfs-ls-demand",
             Method::Warm => "warm",
         }
@@ -110,7 +117,7 @@ impl Method {
             .into_iter()
             .find(|m| m.label() == s)
             .with_context(|| {
-                format!("unknown method {s:?} (eager, lazy-raw, ckptfs, ckptfs-ls, ckptfs-ls-demand, warm)")
+                format!("unknown method {s:?} (eager, lazy-raw, ckptfs, ckptfs-ls, ckptfs-ls-refined, ckptfs-ls-demand, warm)")
             })
     }
 }
@@ -227,7 +234,7 @@ pub fn run(cfg: &Config, dir: &Path, out: &Path) -> Result<()> {
     );
     let saved = boot_fill_save(&guest, &ckptfs)?;
     eprintln!("bench qemu: saved ({saved}); recording the loading set");
-    let ls = record_loading_set(&guest, &ckptfs)?;
+    let ls = record_loading_sets(&guest, &ckptfs)?;
     eprintln!("bench qemu: loading set {ls}");
     let mut runs = Vec::new();
     for &tier in &cfg.tiers {
@@ -487,29 +494,40 @@ fn wait_running(vm: &mut Qemu) -> Result<()> {
     Ok(())
 }
 
-/// One restore through a recording mount running the recording variant of the task.
-fn record_loading_set(guest: &Guest, ckptfs: &Path) -> Result<String> {
-    let disks = guest.disks();
-    let m = guest.machine(&disks, "record", true, false);
-    let launcher = ckptfs_launcher(
-        guest,
-        ckptfs,
-        &["--record-loading-set", "--loading-set-window", "3600"],
-    )?;
-    let mut vm = Qemu::start_via(&m, &launcher);
-    wait_running(&mut vm)?;
-    vm.console.run("echo ok", SLOW);
-    vm.console.run(&task(RECORD_FILES, RECORD_SEED), SLOW);
-    vm.quit();
-    let ck = ckptfs::Checkpoint::open(&guest.path("vm.ckpt"))?;
-    let set = ckptfs::loadset::LoadingSet::open(&guest.path("vm.ckpt.ls"), &ck)
-        .context("the recording mount wrote no usable loading set")?;
-    let pages: u64 = set.runs().iter().map(|r| u64::from(r.pages)).sum();
-    Ok(format!(
-        "{pages} pages in {} runs, {:.0} MiB stored",
-        set.runs().len(),
-        set.data_bytes() as f64 / 1048576.0
-    ))
+/// Loading sets, recorded by one restore each running the recording variant
+/// of the task: as the mount records them (2 MiB windows) and refined to the
+/// pages QEMU mapped (`--refine-loading-set`).
+const LS_WINDOWS: &str = "ls-windows.ls";
+const LS_REFINED: &str = "ls-refined.ls";
+
+/// Record both loading sets; returns a summary line.
+fn record_loading_sets(guest: &Guest, ckptfs: &Path) -> Result<String> {
+    let mut out = Vec::new();
+    for (name, refine) in [(LS_WINDOWS, false), (LS_REFINED, true)] {
+        let disks = guest.disks();
+        let m = guest.machine(&disks, "record", true, false);
+        let mut opts = vec!["--record-loading-set", "--loading-set-window", "3600"];
+        if refine {
+            opts.push("--refine-loading-set");
+        }
+        let mut vm = Qemu::start_via(&m, &ckptfs_launcher(guest, ckptfs, &opts)?);
+        wait_running(&mut vm)?;
+        vm.console.run("echo ok", SLOW);
+        vm.console.run(&task(RECORD_FILES, RECORD_SEED), SLOW);
+        vm.quit();
+        let ck = ckptfs::Checkpoint::open(&guest.path("vm.ckpt"))?;
+        let recorded = guest.path("vm.ckpt.ls");
+        let set = ckptfs::loadset::LoadingSet::open(&recorded, &ck)
+            .context("the recording mount wrote no usable loading set")?;
+        let pages: u64 = set.runs().iter().map(|r| u64::from(r.pages)).sum();
+        out.push(format!(
+            "{name}: {pages} pages in {} runs, {:.0} MiB stored",
+            set.runs().len(),
+            set.data_bytes() as f64 / 1048576.0
+        ));
+        std::fs::rename(&recorded, guest.path(name))?;
+    }
+    Ok(out.join("; "))
 }
 
 /// Restore with `method` on `tier` and run the task.
@@ -545,14 +563,17 @@ fn restore(guest: &Guest, ckptfs: &Path, method: Method, tier: Tier, rep: usize)
                 .migrate_incoming(&format!("exec:cat {}", guest.path("state.bin").display()))?;
             vm
         }
-        Method::Ckptfs | Method::CkptfsLs | Method::CkptfsLsDemand => {
+        Method::Ckptfs | Method::CkptfsLs | Method::CkptfsLsRefined | Method::CkptfsLsDemand => {
             let m = guest.machine(&disks, "ckptfs", true, false);
-            let opts: &[&str] = match method {
-                Method::Ckptfs => &["--no-loading-set"],
-                Method::CkptfsLsDemand => &["--prefetch", "none"],
-                _ => &[],
+            let windows = guest.path(LS_WINDOWS).display().to_string();
+            let refined = guest.path(LS_REFINED).display().to_string();
+            let opts: Vec<&str> = match method {
+                Method::Ckptfs => vec!["--no-loading-set"],
+                Method::CkptfsLs => vec!["--loading-set", &windows],
+                Method::CkptfsLsRefined => vec!["--loading-set", &refined],
+                _ => vec!["--loading-set", &windows, "--prefetch", "none"],
             };
-            Qemu::start_via(&m, &ckptfs_launcher(guest, ckptfs, opts)?)
+            Qemu::start_via(&m, &ckptfs_launcher(guest, ckptfs, &opts)?)
         }
     };
     if matches!(method, Method::Eager | Method::LazyRaw | Method::Warm) {
@@ -604,7 +625,7 @@ fn report(cfg: &Config, runs: &[Run], saved: &str, ls: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Setup: {saved}. Loading set (recorded on files 0-7, heap seed {RECORD_SEED}; measured task: files 1-8, seed {TASK_SEED}): {ls}.\n"
+        "Setup: {saved}. Loading sets (recorded on files 0-7, heap seed {RECORD_SEED}; measured task: files 1-8, seed {TASK_SEED}): {ls}.\n"
     );
     for tier in &cfg.tiers {
         let t = tier.label();
@@ -640,7 +661,12 @@ fn report(cfg: &Config, runs: &[Run], saved: &str, ls: &str) -> String {
         }
         let done = |m: &str| med(&of(runs, &t, m), |r| r.done_ms);
         let _ = writeln!(s);
-        for m in ["ckptfs", "ckptfs-ls", "ckptfs-ls-demand"] {
+        for m in [
+            "ckptfs",
+            "ckptfs-ls",
+            "ckptfs-ls-refined",
+            "ckptfs-ls-demand",
+        ] {
             if let Some(d) = done(m) {
                 let ratio = |b: &str| done(b).map_or("-".into(), |b| format!("{:.2}", d / b));
                 let _ = writeln!(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ckptfs::Checkpoint;
+use ckptfs::qemu::pagemap::{self, Touched};
 use ckptfs::qemu::qmp::{Qmp, Version};
 use ckptfs::qemu::restore::{self, Plan, sh_quote};
 use ckptfs::qemu::save::{self, After, SaveOptions, SaveReport};
@@ -31,6 +32,11 @@ Usage: ckptfs qemu restore VM.ckpt MOUNTPOINT [--json] [--qemu BINARY] [mount op
   --qemu BINARY       the QEMU whose version decides readonly=on (default
                       qemu-system-x86_64; with --exec, the program run)
   mount options       passed to ckptfs-mountd (`ckptfs mount --help`)
+  --refine-loading-set
+                      with --record-loading-set and --exec: keep, of the
+                      recorded set, only the pages QEMU mapped (its page
+                      tables, sampled every 50 ms), not every page of the
+                      2 MiB windows its faults read
   --exec [--] QEMU ARGS...
                       run QEMU with ARGS (the saved VM's command line): its
                       memory backend of the saved id is replaced, any -incoming
@@ -165,6 +171,8 @@ struct RestoreArgs {
     checkpoint: PathBuf,
     mountpoint: PathBuf,
     json: bool,
+    /// Keep, of a recorded loading set, only the pages QEMU mapped.
+    refine: bool,
     qemu: Option<PathBuf>,
     mount_opts: Vec<OsString>,
     /// Program and arguments after --exec.
@@ -194,6 +202,7 @@ impl RestoreArgs {
             checkpoint: PathBuf::new(),
             mountpoint: PathBuf::new(),
             json: false,
+            refine: false,
             qemu: None,
             mount_opts: Vec::new(),
             exec,
@@ -203,6 +212,7 @@ impl RestoreArgs {
             match a.to_str() {
                 Some("-h" | "--help") => return Ok(None),
                 Some("--json") => r.json = true,
+                Some("--refine-loading-set") => r.refine = true,
                 Some("--qemu") => {
                     r.qemu = Some(it.next().context("--qemu needs a program")?.into());
                 }
@@ -218,6 +228,11 @@ impl RestoreArgs {
         }
         let [ckpt, mnt] = <[PathBuf; 2]>::try_from(positional)
             .map_err(|_| anyhow::anyhow!("usage: ckptfs qemu restore VM.ckpt MOUNTPOINT [options] [--exec -- QEMU ARGS...] (VM.ckpt and MOUNTPOINT first)"))?;
+        if r.refine
+            && (r.exec.is_none() || !r.mount_opts.iter().any(|o| o == "--record-loading-set"))
+        {
+            bail!("--refine-loading-set needs --record-loading-set and --exec");
+        }
         r.checkpoint = ckpt;
         r.mountpoint =
             std::path::absolute(&mnt).with_context(|| format!("mount point {}", mnt.display()))?;
@@ -252,7 +267,14 @@ impl RestoreArgs {
         let opts = self.mount_options(&plan, version);
         match &self.exec {
             None => self.mount_and_print(&plan, &opts),
-            Some(cmd) => exec_restore(&self.checkpoint, &self.mountpoint, &plan, &opts, cmd),
+            Some(cmd) => exec_restore(
+                &self.checkpoint,
+                &self.mountpoint,
+                &plan,
+                &opts,
+                cmd,
+                self.refine,
+            ),
         }
     }
 
@@ -529,6 +551,7 @@ fn exec_restore(
     plan: &Plan,
     opts: &[OsString],
     cmd: &[OsString],
+    refine: bool,
 ) -> Result<ExitCode> {
     let t0 = Instant::now();
     let run = RunDir::new()?;
@@ -568,8 +591,27 @@ fn exec_restore(
         t0.elapsed().as_secs_f64()
     );
     drop(qmp);
-    let st = qemu.0.wait()?;
+    let recording = refine && opts.iter().any(|o| o == "--record-loading-set");
+    let mut touched = recording.then(|| Touched::new(qemu.0.id(), &plan.memory, plan.size / 4096));
+    let st = loop {
+        if let Some(st) = qemu.0.try_wait()? {
+            break st;
+        }
+        match touched.as_mut() {
+            Some(t) => {
+                // QEMU may exit between the check and the read: keep what we have.
+                let _ = t.sample();
+                log::trace!("qemu restore: {} pages mapped by QEMU so far", t.count());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None => break qemu.0.wait()?,
+        }
+    };
+    // The daemon writes a recorded loading set as it goes.
     drop(daemon);
+    if let Some(t) = touched {
+        refine_loading_set(ckpt, opts, &t)?;
+    }
     Ok(match st.code() {
         Some(c) => ExitCode::from(c.clamp(0, 255) as u8),
         None => {
@@ -577,6 +619,36 @@ fn exec_restore(
             ExitCode::from(128 + st.signal().unwrap_or(0).clamp(0, 127) as u8)
         }
     })
+}
+
+/// Keep, of the loading set the mount recorded, the pages QEMU mapped: the
+/// mount saw 2 MiB reads (QEMU's MADV_HUGEPAGE), QEMU's page tables say which
+/// pages of them the guest used.
+fn refine_loading_set(ckpt: &Path, opts: &[OsString], touched: &Touched) -> Result<()> {
+    if !touched.found() {
+        eprintln!(
+            "ckptfs: warning: QEMU's mapping of the mount's memory was not found; the loading set stays as recorded"
+        );
+        return Ok(());
+    }
+    let path = opts
+        .iter()
+        .position(|o| o == "--loading-set")
+        .and_then(|i| opts.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let mut p = ckpt.as_os_str().to_owned();
+            p.push(".ls");
+            PathBuf::from(p)
+        });
+    let ck = Checkpoint::open(ckpt)?;
+    let (before, after) = pagemap::refine(&path, &ck, touched)
+        .with_context(|| format!("refining the loading set {}", path.display()))?;
+    eprintln!(
+        "ckptfs: loading set {}: {after} of the {before} recorded pages kept (those QEMU mapped)",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Connect to QEMU's QMP socket once it is there; fails if QEMU exits first.

@@ -9,6 +9,7 @@
 //! the VM from a mount of the checkpoint: RAM `MAP_PRIVATE` from `memory`,
 //! device state from `vmm-state`. [`qmp`] is the small typed QMP client both use.
 
+pub mod pagemap;
 pub mod qmp;
 pub mod restore;
 pub mod save;
