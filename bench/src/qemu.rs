@@ -21,6 +21,9 @@
 //! - ckptfs / ckptfs-ls: `ckptfs qemu restore --exec` without / with the loading set
 //!   (QEMU 7.2: the set is pushed while QEMU runs, see src/qemu/restore.rs);
 //! - ckptfs-ls-refined: with the refined loading set;
+//! - ckptfs-ls-wait, ckptfs-ls-refined-wait: `--wait-loading-set`, which on
+//!   QEMU 7.2 waits for the set once QEMU has mapped `memory` and reads again
+//!   what the mapping dropped, before the VM resumes;
 //! - ckptfs-ls-demand: with the loading set, `--prefetch none` (no background
 //!   sweep of the rest competing with demand reads for the storage);
 //! - warm: lazy-raw with the RAM file in the page cache: the guest-CPU floor.
@@ -79,6 +82,10 @@ pub enum Method {
     CkptfsLs,
     /// ckptfs qemu restore with the loading set refined to the pages QEMU mapped.
     CkptfsLsRefined,
+    /// The loading set waited for once QEMU has mapped `memory` (`--wait-loading-set`).
+    CkptfsLsWait,
+    /// The refined loading set, waited for.
+    CkptfsLsRefinedWait,
     /// ckptfs qemu restore with the loading set and no background sweep
     /// (`--prefetch none`: only demand reads and the loading set use the storage).
     CkptfsLsDemand,
@@ -88,12 +95,14 @@ pub enum Method {
 
 impl Method {
     /// Every method, baselines first.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 9] = [
         Method::Eager,
         Method::LazyRaw,
         Method::Ckptfs,
         Method::CkptfsLs,
         Method::CkptfsLsRefined,
+        Method::CkptfsLsWait,
+        Method::CkptfsLsRefinedWait,
         Method::CkptfsLsDemand,
         Method::Warm,
     ];
@@ -106,6 +115,8 @@ impl Method {
             Method::Ckptfs => "ckptfs",
             Method::CkptfsLs => "ckptfs-ls",
             Method::CkptfsLsRefined => "ckptfs-ls-refined",
+            Method::CkptfsLsWait => "ckptfs-ls-wait",
+            Method::CkptfsLsRefinedWait => "ckptfs-ls-refined-wait",
             Method::CkptfsLsDemand => "ckptfs-ls-demand",
             Method::Warm => "warm",
         }
@@ -117,7 +128,7 @@ impl Method {
             .into_iter()
             .find(|m| m.label() == s)
             .with_context(|| {
-                format!("unknown method {s:?} (eager, lazy-raw, ckptfs, ckptfs-ls, ckptfs-ls-refined, ckptfs-ls-demand, warm)")
+                format!("unknown method {s:?} (eager, lazy-raw, ckptfs, ckptfs-ls[-refined][-wait], ckptfs-ls-demand, warm)")
             })
     }
 }
@@ -160,7 +171,10 @@ struct Guest {
     initrd: PathBuf,
     cmdline: String,
     disk: PathBuf,
+    /// The live RAM file (share=on).
     ram: PathBuf,
+    /// Its copy at the checkpoint: the raw dump lazy-raw and warm map.
+    raw: PathBuf,
 }
 
 impl Guest {
@@ -185,7 +199,13 @@ impl Guest {
     ) -> Machine<'a> {
         Machine {
             mem_mib: GUEST_MIB,
-            mem_path: &self.ram,
+            // share=off with -incoming: lazy-raw and warm map the dump (eager
+            // replaces the backend with anonymous RAM).
+            mem_path: if !share && incoming {
+                &self.raw
+            } else {
+                &self.ram
+            },
             share,
             vmlinuz: &self.vmlinuz,
             initrd: &self.initrd,
@@ -345,6 +365,7 @@ fn build(dir: &Path) -> Result<Guest> {
             khz * 1000 / 250
         ),
         disk,
+        raw: dir.join("ram.raw"),
         ram,
     })
 }
@@ -414,9 +435,11 @@ fn boot_fill_save(guest: &Guest, ckptfs: &Path) -> Result<String> {
         "the task's answer changed between two runs"
     );
     let free = c.run("free -m | sed -n 2p", SLOW);
-    // `ckptfs qemu save` stops the VM, saves and resumes it (its default); the
-    // eager stream follows a moment later (QEMU refuses a second migration
-    // of a VM paused by the first, so the guest idles for those milliseconds).
+    // `ckptfs qemu save` stops the VM and saves it; the RAM file as it is
+    // then is lazy-raw's dump (it matches the saved device state). QEMU
+    // refuses a second migration of a VM paused by the first, so the guest
+    // runs (idle) for a moment before the eager stream is taken: that stream
+    // holds its own RAM and device state, consistent with each other.
     let out = Command::new(ckptfs)
         .args(["qemu", "save", "--qmp"])
         .arg(&ckptfs_qmp)
@@ -426,13 +449,20 @@ fn boot_fill_save(guest: &Guest, ckptfs: &Path) -> Result<String> {
         .arg(&guest.disk)
         .arg("-o")
         .arg(guest.path("vm.ckpt"))
-        .arg("--json")
+        .args(["--leave-paused", "--json"])
         .output()?;
     ensure!(
         out.status.success(),
         "ckptfs qemu save failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&guest.ram)
+        .arg(&guest.raw)
+        .status()?;
+    ensure!(st.success(), "copying the RAM file failed");
+    vm.qmp.cont()?;
     vm.qmp.stop()?;
     let t = Instant::now();
     vm.qmp
@@ -534,7 +564,7 @@ fn record_loading_sets(guest: &Guest, ckptfs: &Path) -> Result<String> {
 fn restore(guest: &Guest, ckptfs: &Path, method: Method, tier: Tier, rep: usize) -> Result<Run> {
     let want = std::fs::read_to_string(guest.path("answer.txt"))?;
     if method == Method::Warm {
-        std::fs::read(&guest.ram).map(drop)?;
+        std::fs::read(&guest.raw).map(drop)?;
     } else {
         drop_caches()?;
     }
@@ -563,7 +593,12 @@ fn restore(guest: &Guest, ckptfs: &Path, method: Method, tier: Tier, rep: usize)
                 .migrate_incoming(&format!("exec:cat {}", guest.path("state.bin").display()))?;
             vm
         }
-        Method::Ckptfs | Method::CkptfsLs | Method::CkptfsLsRefined | Method::CkptfsLsDemand => {
+        Method::Ckptfs
+        | Method::CkptfsLs
+        | Method::CkptfsLsRefined
+        | Method::CkptfsLsWait
+        | Method::CkptfsLsRefinedWait
+        | Method::CkptfsLsDemand => {
             let m = guest.machine(&disks, "ckptfs", true, false);
             let windows = guest.path(LS_WINDOWS).display().to_string();
             let refined = guest.path(LS_REFINED).display().to_string();
@@ -571,6 +606,10 @@ fn restore(guest: &Guest, ckptfs: &Path, method: Method, tier: Tier, rep: usize)
                 Method::Ckptfs => vec!["--no-loading-set"],
                 Method::CkptfsLs => vec!["--loading-set", &windows],
                 Method::CkptfsLsRefined => vec!["--loading-set", &refined],
+                Method::CkptfsLsWait => vec!["--loading-set", &windows, "--wait-loading-set"],
+                Method::CkptfsLsRefinedWait => {
+                    vec!["--loading-set", &refined, "--wait-loading-set"]
+                }
                 _ => vec!["--loading-set", &windows, "--prefetch", "none"],
             };
             Qemu::start_via(&m, &ckptfs_launcher(guest, ckptfs, &opts)?)
