@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Installs what ckptfs needs on a fresh Debian machine of this project's kind:
 # fuse3 (fusermount3, for mounts and unmounts), fio (filesystem tests and the
-# fio benchmark), binutils (objcopy, for vmm-lite's guest) and DejaVu fonts
-# (labels of the benchmark plots); then scripts/setup-qemu.sh (QEMU, busybox and
-# a Debian kernel for the real-Linux-guest test). Idempotent.
+# fio benchmark), binutils (objcopy, for vmm-lite's guest), DejaVu fonts
+# (labels of the benchmark plots), e2fsprogs (mkfs.ext4, for the scan tests'
+# file systems) and qemu-utils (qemu-img, for the qcow2 tests); then
+# scripts/setup-qemu.sh (QEMU, busybox and a Debian kernel for the
+# real-Linux-guest test). Idempotent.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v fio >/dev/null || need+=(fio)
 command -v objcopy >/dev/null || need+=(binutils)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   apt-get update -qq

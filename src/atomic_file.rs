@@ -82,6 +82,7 @@ pub struct AtomicFile {
     target: PathBuf,
     file: Option<File>,
     mode: u32,
+    synced: bool,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -139,6 +140,10 @@ impl AtomicFile {
         tmp.extend_from_slice(name.as_bytes());
         tmp.extend_from_slice(format!(".tmp-{}", random_hex()?).as_bytes());
         let tmp_name = cstring(&tmp)?;
+        // Registered before it exists, so a signal right after the create cannot
+        // miss it (removing a name that was never created is harmless).
+        let abs = std::path::absolute(parent.join(OsStr::from_bytes(&tmp)))?;
+        pending().push(abs.clone());
         // SAFETY: `dir` is an open directory descriptor and `tmp_name` a valid
         // NUL-terminated name; O_EXCL|O_NOFOLLOW refuse any existing file or link.
         let fd = cvt(unsafe {
@@ -148,12 +153,10 @@ impl AtomicFile {
                 libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
                 0o600 as libc::c_uint,
             )
-        })?;
+        })
+        .inspect_err(|_| pending().retain(|p| *p != abs))?;
         // SAFETY: `fd` was just created by openat and is owned only here.
         let file = unsafe { File::from_raw_fd(fd) };
-        if let Ok(abs) = std::path::absolute(parent.join(OsStr::from_bytes(&tmp))) {
-            pending().push(abs);
-        }
         Ok(AtomicFile {
             dir,
             tmp_name,
@@ -161,6 +164,7 @@ impl AtomicFile {
             target: target.to_owned(),
             file: Some(file),
             mode,
+            synced: false,
         })
     }
 
@@ -179,13 +183,23 @@ impl AtomicFile {
         OsStr::from_bytes(self.tmp_name.as_bytes())
     }
 
-    /// Set the final mode, fsync, rename over the target, fsync the directory.
-    pub fn commit(mut self) -> io::Result<()> {
-        let file = self.file.take().expect("file is present until commit");
+    /// Set the final mode and fsync the data: the first half of
+    /// [`commit`](Self::commit), for callers that report the two steps apart.
+    pub fn sync(&mut self) -> io::Result<()> {
+        let file = self.file.as_ref().expect("file is present until commit");
         // SAFETY: fchmod on a descriptor we own.
         cvt(unsafe { libc::fchmod(file.as_raw_fd(), self.mode as libc::mode_t) })?;
         file.sync_all()?;
-        drop(file);
+        self.synced = true;
+        Ok(())
+    }
+
+    /// Set the final mode, fsync, rename over the target, fsync the directory.
+    pub fn commit(mut self) -> io::Result<()> {
+        if !self.synced {
+            self.sync()?;
+        }
+        drop(self.file.take());
         // SAFETY: both names are valid NUL-terminated names relative to `dir`.
         let r = cvt(unsafe {
             libc::renameat(
@@ -238,6 +252,24 @@ pub fn write(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let mut f = AtomicFile::create(target, mode)?;
     f.file().write_all(bytes)?;
     f.commit()
+}
+
+/// The process's umask (from `/proc/self/status`; 0o022 if it cannot be read).
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// Permission bits for a file derived from inputs with `modes`: their
+/// intersection, limited to 0o666 and to what the umask allows.
+pub fn mode_from_inputs(modes: impl IntoIterator<Item = u32>) -> u32 {
+    modes.into_iter().fold(0o666 & !umask(), |m, x| m & x)
 }
 
 /// The most restrictive permission bits of `paths` (their intersection),
@@ -332,5 +364,24 @@ mod tests {
         std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(derived_mode(&[&a, &b]), 0o600);
         assert_eq!(derived_mode(&[&a]), 0o644);
+    }
+
+    #[test]
+    fn mode_from_inputs_is_the_intersection_under_the_umask() {
+        let m = mode_from_inputs([0o644, 0o640]);
+        assert_eq!(m & !0o640, 0);
+        assert_eq!(m, 0o640 & !umask());
+        assert_eq!(mode_from_inputs([0o755]) & 0o111, 0);
+    }
+
+    #[test]
+    fn sync_then_commit_renames() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("t");
+        let mut f = AtomicFile::create(&target, 0o600).unwrap();
+        f.file().write_all(b"x").unwrap();
+        f.sync().unwrap();
+        f.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"x");
     }
 }

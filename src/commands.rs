@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use ckptfs::verify::{self, Inspection, VerifyReport};
-use ckptfs::{Checkpoint, CreateOptions, MemoryImage, Summary};
+use ckptfs::{Checkpoint, CreateOptions, MemoryImage, OpenError, OpenOptions, Summary};
 use clap::{Parser, Subcommand};
 
 /// Space-optimized VM memory checkpoints and lazy restore through FUSE.
@@ -21,17 +21,20 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Make a checkpoint from a raw guest memory dump and the guest's raw disk images.
+    /// Make a checkpoint from a raw guest memory dump and the guest's disk images.
     Create {
         /// Raw guest memory dump (e.g. QEMU memory-backend-file, Firecracker memory file).
         #[arg(long)]
         mem: PathBuf,
-        /// Raw disk image whose blocks the guest's page cache may hold (repeatable).
+        /// Disk image (raw or qcow2) whose bytes the guest's page cache may hold (repeatable).
         #[arg(long)]
         disk: Vec<PathBuf>,
         /// Opaque VMM state to store in the checkpoint.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// An earlier checkpoint of the same guest: unchanged pages refer to it.
+        #[arg(long)]
+        parent: Option<PathBuf>,
         /// Output checkpoint.
         #[arg(short, long)]
         output: PathBuf,
@@ -81,9 +84,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             mem,
             disk,
             state,
+            parent,
             output,
             json,
-        } => create(&mem, disk, state, &output, json),
+        } => create(&mem, disk, state, parent, &output, json),
         Command::Inspect { checkpoint, json } => inspect(&checkpoint, json),
         Command::Verify {
             checkpoint,
@@ -106,26 +110,32 @@ fn create(
     mem: &Path,
     disks: Vec<PathBuf>,
     state: Option<PathBuf>,
+    parent: Option<PathBuf>,
     out: &Path,
     json: bool,
 ) -> Result<ExitCode> {
-    if same_file(mem, out) || state.as_deref().is_some_and(|s| same_file(s, out)) {
+    if let Some(s) = state.as_deref().filter(|s| same_file(s, out)) {
         bail!(
-            "output {} is one of the input files; refusing to overwrite it",
-            out.display()
+            "output {} is one of the input files ({}); refusing to overwrite it",
+            out.display(),
+            s.display()
         );
     }
     let image = MemoryImage::open(mem)?;
-    let vmm_state = match state {
+    let (vmm_state, input_modes) = match state {
         Some(p) => {
-            Some(std::fs::read(&p).with_context(|| format!("VMM state file {}", p.display()))?)
+            let (bytes, meta) = ckptfs::input::read_regular(&p, ckptfs::format::MAX_STATE_LEN)
+                .with_context(|| format!("VMM state file {}", p.display()))?;
+            (Some(bytes), vec![ckptfs::input::mode_bits(&meta)])
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     let opts = CreateOptions {
         disks,
         scan_disks: true,
+        parent,
         vmm_state,
+        input_modes,
         progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
@@ -174,6 +184,14 @@ fn print_summary(out: &Path, s: &Summary) {
         s.disk_pages,
         pct(s.disk_pages, s.pages)
     );
+    if s.parent_pages > 0 {
+        println!(
+            "  parent      {:>10.1} MiB  {:>9} pages  {:5.1}%",
+            mib(s.parent_pages * 4096),
+            s.parent_pages,
+            pct(s.parent_pages, s.pages)
+        );
+    }
     println!(
         "  blob        {:>10.1} MiB  {:>9} pages  {:5.1}%  ({} stored after dedup)",
         mib(s.blob_pages * 4096),
@@ -181,6 +199,16 @@ fn print_summary(out: &Path, s: &Summary) {
         pct(s.blob_pages, s.pages),
         s.blobs_stored
     );
+    if let Some(ix) = &s.index {
+        let phases: Vec<String> = ix.disks.iter().map(|d| d.phases.to_string()).collect();
+        println!(
+            "  disk index  {:>10.1} MiB  {:>9} windows in {:.2}s (phases mod 4096: {})",
+            mib(ix.memory_bytes),
+            ix.windows,
+            ix.seconds,
+            phases.join(" | ")
+        );
+    }
     println!(
         "  checkpoint  {:>10.1} MiB  = {:.1}% of guest RAM",
         mib(s.checkpoint_bytes),
@@ -188,15 +216,34 @@ fn print_summary(out: &Path, s: &Summary) {
     );
 }
 
+/// Show what the checkpoint holds; when a disk or parent cannot be used, show
+/// it anyway (marked) and fail with the line `mount` would print.
 fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
-    let ck = Checkpoint::open(path)?;
+    let (ck, unusable) = match Checkpoint::open(path) {
+        Ok(ck) => (ck, None),
+        Err(
+            e @ (OpenError::Disk { .. }
+            | OpenError::Parent { .. }
+            | OpenError::ParentChanged { .. }),
+        ) => {
+            let lenient = OpenOptions {
+                allow_missing: true,
+                ..OpenOptions::default()
+            };
+            (Checkpoint::open_with(path, &lenient)?, Some(e))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let ins = verify::inspect(&ck);
     if json {
         println!("{}", serde_json::to_string_pretty(&ins)?);
     } else {
         print_inspection(&ins);
     }
-    Ok(if ins.invalid_entries == 0 {
+    if let Some(e) = unusable {
+        return Err(e.into());
+    }
+    Ok(if ins.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -213,22 +260,15 @@ fn print_inspection(i: &Inspection) {
         mib(i.guest_bytes),
         i.pages
     );
-    println!(
-        "  zero        {:>10} pages  {:5.1}%",
-        i.zero_pages,
-        pct(i.zero_pages, i.pages)
-    );
-    println!(
-        "  disk        {:>10} pages  {:5.1}%",
-        i.disk_pages,
-        pct(i.disk_pages, i.pages)
-    );
-    println!(
-        "  blob        {:>10} pages  {:5.1}%  ({} stored)",
-        i.blob_pages,
-        pct(i.blob_pages, i.pages),
-        i.blobs_stored
-    );
+    for (kind, n) in [
+        ("ZERO", i.zero_pages),
+        ("DISK", i.disk_pages),
+        ("PARENT", i.parent_pages),
+        ("BLOB", i.blob_pages),
+    ] {
+        println!("  {kind:<10}  {n:>10} pages  {:5.1}%", pct(n, i.pages));
+    }
+    println!("  blobs       {:>10} stored", i.blobs_stored);
     println!("  VMM state   {:>10} bytes", i.vmm_state_bytes);
     println!(
         "  checkpoint  {:>10.1} MiB  = {:.1}% of guest RAM",
@@ -237,10 +277,28 @@ fn print_inspection(i: &Inspection) {
     );
     for (n, d) in i.disks.iter().enumerate() {
         println!(
-            "  disk {n}: {} ({:.1} MiB, {} pages reference it)",
+            "  disk {n}: {} ({}, {:.1} MiB, {} pages reference it){}",
             d.path,
+            d.format.name(),
             mib(d.size),
-            d.pages
+            d.pages,
+            d.missing
+                .as_ref()
+                .map(|m| format!(" UNUSABLE: {m}"))
+                .unwrap_or_default()
+        );
+    }
+    for (n, p) in i.parents.iter().enumerate() {
+        println!(
+            "  parent {n}: {} ({:.1} MiB, identity {}, {} pages reference it){}",
+            p.path,
+            mib(p.size),
+            p.identity,
+            p.pages,
+            p.missing
+                .as_ref()
+                .map(|m| format!(" UNUSABLE: {m}"))
+                .unwrap_or_default()
         );
     }
     if i.invalid_entries > 0 {

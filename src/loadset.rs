@@ -399,7 +399,8 @@ impl LoadingSet {
             path: path.to_owned(),
             what,
         };
-        let (file, len) = crate::disk::open_regular(path).map_err(io_err)?;
+        let (file, meta) = crate::input::open_regular(path).map_err(io_err)?;
+        let len = meta.len();
         {
             use std::os::fd::AsRawFd;
             // SAFETY: posix_fadvise only advises the kernel about an open descriptor.

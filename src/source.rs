@@ -39,7 +39,7 @@ pub trait PageReader: Send + Sync + 'static {
     fn disk_location(&self, page: PageIndex) -> Option<(DiskIndex, DiskOffset)> {
         match self.entry(page).ok()?.source {
             PageSource::Disk { disk, offset } => Some((disk, offset)),
-            PageSource::Zero | PageSource::Blob(_) => None,
+            PageSource::Zero | PageSource::Blob(_) | PageSource::ParentBlob { .. } => None,
         }
     }
 

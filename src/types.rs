@@ -12,6 +12,12 @@ pub const PAGE_SIZE: usize = 4096;
 /// [`PAGE_SIZE`] as a `u64`, for offset arithmetic.
 pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
 
+/// Size of a disk sector: DISK references name a byte offset that is a multiple of it.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Sectors in a page.
+pub const SECTORS_PER_PAGE: usize = PAGE_SIZE / SECTOR_SIZE as usize;
+
 /// Index of a guest page: guest physical address / [`PAGE_SIZE`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PageIndex(pub u64);
@@ -39,7 +45,8 @@ impl fmt::Display for PageIndex {
     }
 }
 
-/// Byte offset inside a disk image. DISK references are always 4 KiB aligned.
+/// Byte offset inside a disk image (of the disk as the guest sees it, for a
+/// qcow2 image its virtual disk). DISK references are [`SECTOR_SIZE`]-aligned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DiskOffset(pub u64);
 
@@ -56,3 +63,12 @@ pub struct BlobIndex(pub u64);
 /// Index of a backing disk image in the checkpoint's disk table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DiskIndex(pub u16);
+
+/// Index of a parent checkpoint in the checkpoint's parent table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParentIndex(pub u16);
+
+/// Index of an ancestor checkpoint file in [`crate::Checkpoint::ancestors`]:
+/// parents, their parents, ... each file once, resolved at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AncestorIndex(pub u16);

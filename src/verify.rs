@@ -1,6 +1,7 @@
 //! `verify` and `inspect`: rebuild every page and check it, or summarize a checkpoint.
 
-use crate::checkpoint::{Checkpoint, PageSource, ReadError};
+use crate::checkpoint::{Checkpoint, Missing, error_chain};
+use crate::format::{DiskFormat, Location};
 use crate::types::{PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
 
 /// Pages per read while verifying (1 MiB).
@@ -37,6 +38,7 @@ impl VerifyReport {
     }
 
     fn record(&mut self, page: u64, problem: String) {
+        log::debug!("verify: page {page}: {problem}");
         self.bad_pages += 1;
         if self.first_bad.len() < MAX_LISTED {
             self.first_bad.push(BadPage { page, problem });
@@ -112,26 +114,34 @@ fn compare(report: &mut VerifyReport, first: u64, got: &[u8], want: &[u8]) {
     }
 }
 
-fn error_chain(e: &ReadError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
-
 /// A disk image as `inspect` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DiskInfo {
     /// Recorded path.
     pub path: String,
-    /// Size in bytes.
+    /// Container format.
+    pub format: DiskFormat,
+    /// Size in bytes (of the disk as the guest sees it).
     pub size: u64,
-    /// Pages referencing this disk.
+    /// Pages of this checkpoint whose entry references this disk.
     pub pages: u64,
+    /// Why the image cannot be used, if it cannot (missing, changed, ...).
+    pub missing: Option<String>,
+}
+
+/// A parent checkpoint as `inspect` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ParentInfo {
+    /// Recorded path.
+    pub path: String,
+    /// Its file size in bytes.
+    pub size: u64,
+    /// Its identity, hex.
+    pub identity: String,
+    /// Pages of this checkpoint whose entry is PARENT of this parent.
+    pub pages: u64,
+    /// Why the parent cannot be used, if it cannot.
+    pub missing: Option<String>,
 }
 
 /// What `inspect` shows.
@@ -145,12 +155,14 @@ pub struct Inspection {
     pub guest_bytes: u64,
     /// Guest pages.
     pub pages: u64,
-    /// ZERO pages.
+    /// ZERO entries.
     pub zero_pages: u64,
-    /// DISK pages.
+    /// DISK entries.
     pub disk_pages: u64,
-    /// BLOB pages (including duplicates).
+    /// BLOB entries (including duplicates).
     pub blob_pages: u64,
+    /// PARENT entries.
+    pub parent_pages: u64,
     /// Distinct blobs stored.
     pub blobs_stored: u64,
     /// VMM-state bytes.
@@ -159,21 +171,54 @@ pub struct Inspection {
     pub checkpoint_bytes: u64,
     /// checkpoint_bytes / guest_bytes.
     pub size_ratio: f64,
-    /// Backing disks.
+    /// Backing disks (this checkpoint's disk table).
     pub disks: Vec<DiskInfo>,
+    /// Parent checkpoints (its parent table).
+    pub parents: Vec<ParentInfo>,
     /// Invalid page-table entries (should be 0).
     pub invalid_entries: u64,
 }
 
-/// Summarize `ck` by walking its page table.
+impl Inspection {
+    /// Whether every disk and parent is usable and every entry valid.
+    pub fn ok(&self) -> bool {
+        self.invalid_entries == 0
+            && self.disks.iter().all(|d| d.missing.is_none())
+            && self.parents.iter().all(|p| p.missing.is_none())
+    }
+}
+
+fn missing_reason(missing: &[Missing], what: &str, path: &std::path::Path) -> Option<String> {
+    missing
+        .iter()
+        .find(|m| m.what == what && m.path == path)
+        .map(|m| m.reason.clone())
+}
+
+/// Summarize `ck` by walking its page table (entries as stored: a PARENT entry
+/// counts as PARENT). Open it with [`crate::OpenOptions::allow_missing`] to
+/// see a checkpoint whose disks or parents are missing.
 pub fn inspect(ck: &Checkpoint) -> Inspection {
     let mut disks: Vec<DiskInfo> = ck
         .disk_records()
         .iter()
         .map(|r| DiskInfo {
             path: r.path.display().to_string(),
+            format: r.format,
             size: r.size,
             pages: 0,
+            missing: missing_reason(ck.missing(), "disk image", &r.path),
+        })
+        .collect();
+    let mut parents: Vec<ParentInfo> = ck
+        .parent_records()
+        .iter()
+        .map(|r| ParentInfo {
+            path: r.path.display().to_string(),
+            size: r.size,
+            identity: format!("{:016x}", r.identity),
+            pages: 0,
+            missing: missing_reason(ck.missing(), "parent checkpoint", &r.path),
         })
         .collect();
     let mut ins = Inspection {
@@ -187,21 +232,30 @@ pub fn inspect(ck: &Checkpoint) -> Inspection {
         ..Default::default()
     };
     for p in 0..ck.page_count() {
-        match ck.try_entry(PageIndex(p)).map(|e| e.source) {
-            Ok(PageSource::Zero) => ins.zero_pages += 1,
-            Ok(PageSource::Disk { disk, .. }) => {
+        let stored = ck.stored_entry(PageIndex(p)).map(|(loc, _)| loc);
+        // A PARENT entry of a missing parent cannot resolve, but is not invalid.
+        let parent_missing = matches!(stored, Ok(Location::Parent(i))
+            if parents.get(usize::from(i.0)).is_some_and(|p| p.missing.is_some()));
+        if !parent_missing && ck.try_entry(PageIndex(p)).is_err() {
+            ins.invalid_entries += 1;
+            continue;
+        }
+        match stored {
+            Ok(Location::Zero) => ins.zero_pages += 1,
+            Ok(Location::Disk(d, _)) => {
                 ins.disk_pages += 1;
-                disks[usize::from(disk.0)].pages += 1;
+                disks[usize::from(d.0)].pages += 1;
             }
-            Ok(PageSource::Blob(_)) => ins.blob_pages += 1,
+            Ok(Location::Blob(_)) => ins.blob_pages += 1,
+            Ok(Location::Parent(i)) => {
+                ins.parent_pages += 1;
+                parents[usize::from(i.0)].pages += 1;
+            }
             Err(_) => ins.invalid_entries += 1,
         }
     }
     ins.disks = disks;
-    ins.size_ratio = if ins.guest_bytes == 0 {
-        0.0
-    } else {
-        ins.checkpoint_bytes as f64 / ins.guest_bytes as f64
-    };
+    ins.parents = parents;
+    ins.size_ratio = ins.checkpoint_bytes as f64 / ins.guest_bytes.max(1) as f64;
     ins
 }

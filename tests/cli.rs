@@ -109,14 +109,20 @@ fn odd_sized_memory_dump_is_refused() {
 }
 
 #[test]
-fn qcow2_disk_gets_conversion_hint() {
+fn vmdk_disk_gets_conversion_hint_and_a_broken_qcow2_is_named() {
     let f = fixture(16, 16, 1);
+    let v = f.dir.path().join("disk.vmdk");
+    let mut data = b"KDMV\x01\0\0\0".to_vec();
+    data.resize(1 << 16, 0);
+    std::fs::write(&v, data).unwrap();
+    let out = create(&f.mem_path, &v, &f.ckpt);
+    assert_one_line_error(&out, "disk.vmdk", "qemu-img convert -O qcow2");
     let q = f.dir.path().join("disk.qcow2");
     let mut data = b"QFI\xfb\0\0\0\x03".to_vec();
     data.resize(1 << 16, 0);
     std::fs::write(&q, data).unwrap();
     let out = create(&f.mem_path, &q, &f.ckpt);
-    assert_one_line_error(&out, "disk.qcow2", "qemu-img convert -O raw");
+    assert_one_line_error(&out, "disk.qcow2", "cluster size");
 }
 
 #[test]
@@ -139,22 +145,103 @@ fn corrupted(f: &Fixture, name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> Output
     ckptfs(&["inspect", s(&bad)])
 }
 
+fn u64_at(b: &[u8], at: usize) -> usize {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize
+}
+
+/// Asserts a failed run printed exactly `ckptfs: error: checkpoint PATH: WHAT`.
+fn assert_format_error(out: &Output, path: &Path, what: &str) {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err,
+        format!("ckptfs: error: checkpoint {}: {what}\n", path.display())
+    );
+}
+
 #[test]
-fn corrupted_checkpoints_each_get_a_clear_error() {
+fn corrupted_checkpoints_each_get_one_line_with_the_cause_once() {
     let f = fixture(256, 64, 9);
     created(&f);
-    let out = corrupted(&f, "short.ckpt", |b| b.truncate(100));
-    assert_one_line_error(&out, "short.ckpt", "shorter than the 128-byte header");
-    let out = corrupted(&f, "magic.ckpt", |b| b[0] = b'X');
-    assert_one_line_error(&out, "magic.ckpt", "bad magic");
-    let out = corrupted(&f, "version.ckpt", |b| b[8] = 7);
-    assert_one_line_error(&out, "version.ckpt", "version 7 is not supported");
-    let out = corrupted(&f, "hdr.ckpt", |b| b[17] ^= 0x40);
-    assert_one_line_error(&out, "hdr.ckpt", "header checksum mismatch");
-    let out = corrupted(&f, "table.ckpt", |b| b[200] ^= 1);
-    assert_one_line_error(&out, "table.ckpt", "page table checksum mismatch");
+    let dir = f.dir.path();
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit, String)> = vec![
+        (
+            "short.ckpt",
+            Box::new(|b| b.truncate(100)),
+            "file is 100 bytes, shorter than the 256-byte header (truncated?)".into(),
+        ),
+        (
+            "magic.ckpt",
+            Box::new(|b| b[0] = b'X'),
+            "not a ckptfs checkpoint (bad magic)".into(),
+        ),
+        (
+            "version.ckpt",
+            Box::new(|b| b[8] = 7),
+            "format version 7 is not supported (this build reads version 2)".into(),
+        ),
+        (
+            "v1.ckpt",
+            Box::new(|b| b[8] = 1),
+            "format version 1 is no longer supported (this build reads version 2); \
+             re-create it from the memory dump with `ckptfs create`"
+                .into(),
+        ),
+        (
+            "hdr.ckpt",
+            Box::new(|b| b[17] ^= 0x40),
+            "header checksum mismatch (corrupted header)".into(),
+        ),
+        (
+            "table.ckpt",
+            Box::new(|b| {
+                let at = u64_at(b, 64) + 5;
+                b[at] ^= 1
+            }),
+            "page table checksum mismatch (corrupted)".into(),
+        ),
+        (
+            "disks.ckpt",
+            Box::new(|b| {
+                let at = u64_at(b, 32) + 9;
+                b[at] ^= 1
+            }),
+            "disk table checksum mismatch (corrupted)".into(),
+        ),
+        (
+            "trailing.ckpt",
+            Box::new(|b| b.push(0)),
+            "the file has bytes after its last section".into(),
+        ),
+    ];
+    for (name, edit, what) in cases {
+        let out = corrupted(&f, name, edit);
+        assert_format_error(&out, &dir.join(name), &what);
+    }
     let out = corrupted(&f, "trunc.ckpt", |b| b.truncate(b.len() - 4096));
     assert_one_line_error(&out, "trunc.ckpt", "outside");
+}
+
+#[test]
+fn a_version_1_checkpoint_is_refused_with_how_to_recreate_it() {
+    // The first bytes of a real version-1 file: magic, version 1, page size.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("old.ckpt");
+    let mut v1 = b"CKPTFS\r\n".to_vec();
+    v1.extend(1u32.to_le_bytes());
+    v1.extend(4096u32.to_le_bytes());
+    v1.resize(8192, 0);
+    std::fs::write(&p, v1).unwrap();
+    for cmd in ["inspect", "verify"] {
+        let out = ckptfs(&[cmd, s(&p)]);
+        assert_format_error(
+            &out,
+            &p,
+            "format version 1 is no longer supported (this build reads version 2); \
+             re-create it from the memory dump with `ckptfs create`",
+        );
+    }
 }
 
 #[test]
@@ -201,12 +288,12 @@ fn changed_disk_is_caught_by_fingerprint_or_page_crc() {
         .iter()
         .enumerate()
         .find_map(|(i, p)| match p {
-            Planted::Disk(b) if !sampled.contains(b) => Some((i, *b)),
+            Planted::Disk(at) if !sampled.contains(&(at / 4096)) => Some((i, *at)),
             _ => None,
         })
         .unwrap();
     let mut disk = std::fs::read(&f.disk).unwrap();
-    disk[block as usize * 4096 + 5] ^= 1;
+    disk[block as usize + 5] ^= 1;
     std::fs::write(&f.disk, &disk).unwrap();
     let out = ckptfs(&["verify", s(&f.ckpt), "--json"]);
     assert!(!out.status.success());
@@ -245,4 +332,79 @@ fn verify_against_a_different_dump_names_differing_pages() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["bad_pages"], 1);
     assert_eq!(r["first_bad"][0]["page"], 77);
+}
+
+#[test]
+fn create_with_a_parent_and_inspect_shows_parents_and_kinds() {
+    let f = fixture(256, 64, 41);
+    created(&f);
+    let mut mem = f.mem.clone();
+    mem[3 * 4096] ^= 0xff;
+    let child_mem = f.dir.path().join("child.raw");
+    std::fs::write(&child_mem, &mem).unwrap();
+    let child = f.dir.path().join("child.ckpt");
+    let out = ckptfs(&[
+        "create",
+        "--mem",
+        s(&child_mem),
+        "--parent",
+        s(&f.ckpt),
+        "-o",
+        s(&child),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (zero, ..) = expected_counts(&f.plan);
+    let changed_nonzero = u64::from(f.plan[3] != Planted::Zero);
+    assert_eq!(sum["parent_pages"], 256 - zero - changed_nonzero);
+    let out = ckptfs(&["inspect", s(&child), "--json"]);
+    assert!(out.status.success());
+    let ins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ins["parent_pages"], sum["parent_pages"]);
+    assert_eq!(ins["parents"][0]["pages"], sum["parent_pages"]);
+    let parent_abs = std::path::absolute(&f.ckpt).unwrap();
+    assert_eq!(ins["parents"][0]["path"], parent_abs.to_str().unwrap());
+    let out = ckptfs(&["inspect", s(&child)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["  ZERO ", "  DISK ", "  PARENT ", "  BLOB ", "parent 0: "] {
+        assert!(
+            text.contains(want),
+            "inspect does not show {want:?}: {text}"
+        );
+    }
+    let out = ckptfs(&["verify", s(&child), "--mem", s(&child_mem)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn inspect_shows_a_checkpoint_whose_disk_is_missing_and_names_the_disk() {
+    let f = fixture(128, 32, 43);
+    created(&f);
+    std::fs::remove_file(&f.disk).unwrap();
+    let out = ckptfs(&["inspect", s(&f.ckpt)]);
+    assert!(!out.status.success());
+    let disk = std::path::absolute(&f.disk).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "ckptfs: error: checkpoint {} needs a backing disk image: disk image {}: No such file or directory (os error 2)\n",
+            f.ckpt.display(),
+            disk.display()
+        )
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  guest RAM "), "{text}");
+    assert!(
+        text.contains(&format!("disk 0: {} (raw", disk.display())) && text.contains("UNUSABLE"),
+        "{text}"
+    );
 }

@@ -33,12 +33,12 @@ use qemu::vm::{DiskImage, Idle, Machine, Qemu};
 use qemu::{ckptfs_json, sh_quote};
 use serde_json::Value;
 
-/// Flip to `true` once format v2 lands (issue 9: disk references at any
-/// 512-byte offset, qcow2 disk images). The test then also checkpoints qcow2
-/// copies of the disks and restores from that checkpoint, and holds the
-/// checkpoint to the true floor (pages neither zero nor on a disk at any
-/// 512-byte offset) + 1 % instead of format v1's 4 KiB-aligned reach.
-const FORMAT_V2: bool = false;
+/// Format v2 (disk references at any 512-byte offset, qcow2 disk images): the
+/// test also checkpoints qcow2 copies of the disks and restores from that
+/// checkpoint, and holds the checkpoint to the true floor (pages neither zero
+/// nor on a disk at any 512-byte offset) + 1 %; `false` would check only
+/// format v1's 4 KiB-aligned reach.
+const FORMAT_V2: bool = true;
 
 /// Guest RAM.
 const GUEST_MIB: u64 = 256;

@@ -56,7 +56,7 @@ fn hints_alone_find_disk_pages_without_a_scan_and_bad_hints_fall_back() {
             Planted::Disk(b) => Some(DiskHint {
                 page: PageIndex(i as u64),
                 disk: DiskIndex(0),
-                offset: DiskOffset(b * 4096),
+                offset: DiskOffset(*b),
             }),
             _ => None,
         })
@@ -86,7 +86,7 @@ fn hints_alone_find_disk_pages_without_a_scan_and_bad_hints_fall_back() {
     assert_eq!(s.hints_verified, good);
     assert_eq!(s.hints_rejected, 2);
     assert_eq!(s.disk_pages, good);
-    assert_eq!(s.disk_blocks_indexed, 0);
+    assert_eq!(s.disk_windows_indexed, 0);
     assert_eq!(read_all(&Checkpoint::open(&f.ckpt).unwrap()), f.mem);
 }
 
@@ -95,7 +95,7 @@ fn adjacent_disk_pages_are_coalesced_into_one_read() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d.img");
     let data = make_disk(&disk, 64, 3);
-    let plan: Vec<Planted> = (0..32).map(|b| Planted::Disk(b + 10)).collect();
+    let plan: Vec<Planted> = (0..32).map(|b| Planted::Disk((b + 10) * 4096)).collect();
     let mem = make_mem(&plan, &data, 1);
     let ckpt = dir.path().join("c.ckpt");
     let opts = CreateOptions {
@@ -125,12 +125,15 @@ fn vmm_state_is_stored_verbatim() {
 }
 
 #[test]
-fn empty_guest_and_sparse_image_work() {
+fn empty_guest_is_refused_and_zero_guest_is_tiny() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("e.ckpt");
-    let s = ckptfs::create(&[], &CreateOptions::default(), &ckpt).unwrap();
-    assert_eq!(s.pages, 0);
-    assert_eq!(Checkpoint::open(&ckpt).unwrap().page_count(), 0);
+    let err = ckptfs::create(&[], &CreateOptions::default(), &ckpt).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "memory image is empty: no guest memory to checkpoint"
+    );
+    assert!(!ckpt.exists());
     let zeros = vec![0u8; 8 << 20];
     let s = ckptfs::create(&zeros, &CreateOptions::default(), &ckpt).unwrap();
     assert_eq!(s.zero_pages, 2048);
@@ -147,7 +150,7 @@ proptest! {
         let mut randoms = Vec::new();
         let plan: Vec<Planted> = kinds.iter().enumerate().map(|(i, k)| match k {
             0 => Planted::Zero,
-            1 => Planted::Disk((i as u64 * 7 + seed) % 32),
+            1 => Planted::Disk((i as u64 * 7 + seed) % 32 * 4096),
             3 if !randoms.is_empty() => Planted::Repeat(randoms[i % randoms.len()]),
             _ => { randoms.push(i); Planted::Random }
         }).collect();

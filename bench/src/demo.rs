@@ -29,7 +29,8 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
     let ins = ckptfs::verify::inspect(&ck);
     drop((ck, raw));
     eprintln!("demo: checkpoint verified; recording the loading set (another request seed)");
-    let loadset = restore::record_loading_set(&tools, &vm, 2.0 * duration)?;
+    let mut loadset = restore::record_loading_set(&tools, &vm, 2.0 * duration)?;
+    (loadset.measured_touched, loadset.coverage) = restore::coverage(&tools, &vm, 1, duration)?;
     let methods = [
         Method::EagerRaw,
         Method::EagerOptimized,
@@ -39,12 +40,19 @@ pub fn run(dir: &Path, workload: &str, mib: u64, duration: f64, json: bool) -> R
         Method::CKPTFS_LS_ZERO,
         Method::Warm,
     ];
+    let group = crate::tier::Throttle::start(&vm.dir, None)?;
     let mut runs: Vec<Measured> = Vec::new();
     for method in methods {
         eprintln!("demo: restoring with {}", method.label());
-        runs.push(restore::restore(
-            &tools, &vm, method, 0, 1, duration, "local",
-        )?);
+        let trial = restore::Trial {
+            method,
+            rep: 0,
+            seed: 1,
+            duration_s: duration,
+            tier: "local",
+            group: &group,
+        };
+        runs.push(restore::restore(&tools, &vm, &trial)?);
     }
     restore::score(&mut runs);
     let all_ok = runs.iter().all(|m| m.check_ok);
@@ -91,9 +99,14 @@ fn print_table(
         (ins.guest_bytes.saturating_sub(ins.checkpoint_bytes)) as f64 / 1048576.0
     );
     println!(
-        "  loading set: {} pages ({:.1} MiB stored) first touched by a recorded restore with another request seed",
+        "  loading set: {} pages ({:.1} MiB stored) first touched by a recorded restore with another request seed;",
         loadset.pages,
         loadset.data_bytes as f64 / 1048576.0
+    );
+    println!(
+        "  it holds {:.1} % of the {} pages the measured restores touch",
+        100.0 * loadset.coverage,
+        loadset.measured_touched
     );
     println!();
     println!(

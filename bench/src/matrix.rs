@@ -56,7 +56,9 @@ pub fn run(m: &Matrix, dir: &Path, out: &Path) -> Result<()> {
         for workload in &m.workloads {
             let vm = restore::prepare(&tools, dir, workload, mib, &m.run_args)?;
             eprintln!("bench: {workload} {mib} MiB: recording the loading set");
-            let loadset = restore::record_loading_set(&tools, &vm, m.window)?;
+            let mut loadset = restore::record_loading_set(&tools, &vm, m.window)?;
+            (loadset.measured_touched, loadset.coverage) =
+                restore::coverage(&tools, &vm, 1, m.duration)?;
             let local_mbps = tier::cold_read_mbps(&vm.path("mem.raw"))?;
             for &tier in &m.tiers {
                 let runs = run_tier(&tools, m, &vm, tier)?;
@@ -122,10 +124,13 @@ fn cell_of(d: &Done) -> Cell<'_> {
 
 /// Every method, repetition by repetition (methods side by side in time).
 fn run_tier(tools: &Tools, m: &Matrix, vm: &Vm, tier: Tier) -> Result<Vec<Measured>> {
-    let _throttle = match tier {
-        Tier::Local => None,
-        Tier::Mbps(n) => Some(Throttle::start(&vm.dir, n)?),
-    };
+    let throttle = Throttle::start(
+        &vm.dir,
+        match tier {
+            Tier::Local => None,
+            Tier::Mbps(n) => Some(n),
+        },
+    )?;
     let mut runs = Vec::new();
     for rep in 0..m.reps {
         for &method in &m.methods {
@@ -138,9 +143,15 @@ fn run_tier(tools: &Tools, m: &Matrix, vm: &Vm, tier: Tier) -> Result<Vec<Measur
             );
             let seed = rep as u64 + 1;
             let label = tier.label();
-            runs.push(restore::restore(
-                tools, vm, method, rep, seed, m.duration, &label,
-            )?);
+            let trial = restore::Trial {
+                method,
+                rep,
+                seed,
+                duration_s: m.duration,
+                tier: &label,
+                group: &throttle,
+            };
+            runs.push(restore::restore(tools, vm, &trial)?);
         }
     }
     restore::score(&mut runs);

@@ -129,13 +129,15 @@ pub fn table(cell: &Cell, methods: &[String]) -> String {
     let ls_ttr = cell.median_ttr("ckptfs-ls").map(ttr_floor);
     let _ = writeln!(
         s,
-        "Loading set: {} pages in {} runs, {:.1} MiB stored (recorded over {:.1} s, another request seed). \
-         Physical limit at {:.0} MB/s: {:.0} ms; ckptfs-ls efficiency (limit / TTR): {}. \
+        "Loading set: {} pages in {} runs, {:.1} MiB stored (recorded over {:.1} s, another request seed); \
+         it holds {:.1} % of the {} pages a measured restore touched. Physical limit at {:.0} MB/s: {:.0} ms; ckptfs-ls efficiency (limit / TTR): {}. \
          Noise floor: warm's own work-lag spread {} ms.\n",
         cell.loadset.pages,
         cell.loadset.runs,
         cell.loadset.data_bytes as f64 / 1048576.0,
         cell.loadset.window_seconds,
+        100.0 * cell.loadset.coverage,
+        cell.loadset.measured_touched,
         cell.mbps,
         cell.bound_ms(),
         ls_ttr.map_or("-".into(), |t| format!("{:.2}", cell.bound_ms() / t)),

@@ -43,6 +43,8 @@ pub struct CkptfsOpts {
     pub readahead_kb: Option<u32>,
     /// Start the VM at once while the loading set streams in (no `--wait-loading-set`).
     pub no_wait: bool,
+    /// The mount's `--prefetch` policy, if not the default (`all`).
+    pub prefetch: Option<&'static str>,
 }
 
 impl Method {
@@ -67,6 +69,9 @@ impl Method {
                 if let Some(kb) = o.readahead_kb {
                     s.push_str(&format!("-ra{kb}"));
                 }
+                if let Some(p) = o.prefetch {
+                    s.push_str(&format!("-p{p}"));
+                }
                 s
             }
         }
@@ -78,6 +83,7 @@ impl Method {
         zero_ranges: false,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
     /// ckptfs with the loading set.
     pub const CKPTFS_LS: Method = Method::Ckptfs(CkptfsOpts {
@@ -85,6 +91,7 @@ impl Method {
         zero_ranges: false,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
 
     /// ckptfs with the loading set, zero ranges mapped anonymous.
@@ -93,6 +100,7 @@ impl Method {
         zero_ranges: true,
         readahead_kb: None,
         no_wait: false,
+        prefetch: None,
     });
 
     /// Every method of the standard matrix, the baselines first.
@@ -130,6 +138,9 @@ impl Method {
                 "ls" => o.loading_set = true,
                 "zero" => o.zero_ranges = true,
                 "nowait" => o.no_wait = true,
+                "pnone" => o.prefetch = Some("none"),
+                "preadahead" => o.prefetch = Some("readahead"),
+                "pall" => o.prefetch = Some("all"),
                 p => {
                     let kb = p
                         .strip_prefix("ra")
@@ -272,20 +283,29 @@ fn run_status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Write back dirty pages and drop the page cache, so a restore starts cold.
-pub fn drop_caches() -> Result<()> {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches (needs root)")
+/// Drop `files` from the page cache, so a restore of them starts cold. Only
+/// these files: a global `drop_caches` would also evict whatever else runs on
+/// this shared machine (and their evictions ours).
+pub fn evict(files: &[PathBuf]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for p in files.iter().filter(|p| p.exists()) {
+        let f = std::fs::File::open(p).with_context(|| format!("evicting {}", p.display()))?;
+        f.sync_all()?;
+        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        ensure!(rc == 0, "evicting {} from the page cache: error {rc}", p.display());
+    }
+    Ok(())
 }
 
-/// KiB read from block devices so far (/proc/vmstat pgpgin).
-fn pgpgin_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("pgpgin "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+impl Vm {
+    /// Every file a restore of this VM reads.
+    pub fn files(&self) -> Vec<PathBuf> {
+        ["mem.raw", "vm.ckpt", "vm.ckpt.ls", "disk.img", "state.bin"]
+            .iter()
+            .map(|f| self.path(f))
+            .collect()
+    }
 }
 
 /// What one restore measured.
@@ -310,7 +330,7 @@ pub struct Measured {
     pub first_response_ms: f64,
     /// Every page resident (eager: when memory was loaded; ckptfs: when the background fetch finished), ms.
     pub resident_ms: Option<f64>,
-    /// Bytes read from block devices during the restore.
+    /// Bytes the restore's processes read from the disk (their blkio group's count).
     pub storage_bytes: u64,
     /// The restored VM's final CHECK equals the checkpointed one.
     pub check_ok: bool,
@@ -362,6 +382,9 @@ impl Mount {
                 };
                 if let Some(kb) = o.readahead_kb {
                     cmd.arg("--readahead-kb").arg(kb.to_string());
+                }
+                if let Some(p) = o.prefetch {
+                    cmd.arg("--prefetch").arg(p);
                 }
             }
         }
@@ -420,24 +443,34 @@ fn restore_cmd(tools: &Tools, vm: &Vm, duration_s: f64, seed: u64) -> Command {
     cmd
 }
 
-/// Restore `vm` with `method` (request seed `seed`) and measure it.
-pub fn restore(
-    tools: &Tools,
-    vm: &Vm,
-    method: Method,
-    rep: usize,
-    seed: u64,
-    duration_s: f64,
-    tier: &str,
-) -> Result<Measured> {
+/// One restore to run.
+pub struct Trial<'a> {
+    /// How.
+    pub method: Method,
+    /// Repetition number.
+    pub rep: usize,
+    /// Request seed.
+    pub seed: u64,
+    /// Seconds the VM serves requests.
+    pub duration_s: f64,
+    /// Storage tier label.
+    pub tier: &'a str,
+    /// The blkio group the restore runs in (counts its reads).
+    pub group: &'a crate::tier::Throttle,
+}
+
+/// Restore `vm` as `t` says and measure it.
+pub fn restore(tools: &Tools, vm: &Vm, t: &Trial) -> Result<Measured> {
+    let (method, rep, seed, duration_s, tier, group) =
+        (t.method, t.rep, t.seed, t.duration_s, t.tier, t.group);
     if method == Method::Warm {
         // Make the raw dump resident in the page cache.
         std::fs::read(vm.path("mem.raw")).map(drop)?;
     } else {
-        drop_caches()?;
+        evict(&vm.files())?;
     }
     let timeline = vm.path("timeline.jsonl");
-    let pgpgin = pgpgin_kib();
+    let read_before = group.read_bytes();
     let start = Instant::now();
     let mut cmd = restore_cmd(tools, vm, duration_s, seed);
     cmd.arg("--timeline").arg(&timeline);
@@ -474,7 +507,7 @@ pub fn restore(
     let launched = start.elapsed().as_nanos() as u64;
     let report = run_json(&mut cmd)?;
     let stats = mount.as_ref().and_then(|m| m.stats().ok());
-    let storage_bytes_before_unmount = (pgpgin_kib() - pgpgin) * 1024;
+    let storage_bytes_before_unmount = group.read_bytes() - read_before;
     drop(mount);
     let mut times = read_timeline(&timeline, launched)?;
     times.sort_unstable();
@@ -541,6 +574,10 @@ pub struct LoadingSetInfo {
     pub runs: u64,
     /// Recording window, seconds.
     pub window_seconds: f64,
+    /// Pages a measured restore (seed 1) touched before its CHECK.
+    pub measured_touched: u64,
+    /// Fraction of those in the loading set.
+    pub coverage: f64,
 }
 
 /// Record the loading set: one restore (seed [`RECORD_SEED`]) through a
@@ -563,7 +600,43 @@ pub fn record_loading_set(tools: &Tools, vm: &Vm, window_s: f64) -> Result<Loadi
         data_bytes: set.data_bytes(),
         runs: set.runs().len() as u64,
         window_seconds: window_s,
+        measured_touched: 0,
+        coverage: f64::NAN,
     })
+}
+
+/// How much of a restore's first-touch set the loading set covered: one
+/// lazy restore of the raw dump with request seed `seed` lists the pages it
+/// touched before its final CHECK (`--touched-out`); returns (touched pages,
+/// fraction of them in the loading set).
+pub fn coverage(tools: &Tools, vm: &Vm, seed: u64, duration_s: f64) -> Result<(u64, f64)> {
+    let out = vm.path("touched.txt");
+    let mut cmd = restore_cmd(tools, vm, duration_s, seed);
+    cmd.arg("--mem-file")
+        .arg(vm.path("mem.raw"))
+        .arg("--state")
+        .arg(vm.path("state.bin"))
+        .arg("--touched-out")
+        .arg(&out);
+    run_json(&mut cmd)?;
+    let ck = ckptfs::Checkpoint::open(&vm.path("vm.ckpt"))?;
+    let pages = ck.page_count();
+    let text = std::fs::read_to_string(&out)?;
+    let touched = ckptfs::source::parse_zero_ranges(&text, pages)
+        .with_context(|| format!("touched pages in {}", out.display()))?;
+    let set = ckptfs::loadset::LoadingSet::open(&vm.path("vm.ckpt.ls"), &ck)?;
+    let mut in_set = vec![false; pages as usize];
+    for r in set.runs() {
+        let end = r.first_page + u64::from(r.pages);
+        in_set[r.first_page as usize..end as usize].fill(true);
+    }
+    let total: u64 = touched.iter().map(|r| r.end - r.start).sum();
+    let covered: u64 = touched
+        .iter()
+        .flat_map(|r| r.clone())
+        .filter(|&p| in_set[p as usize])
+        .count() as u64;
+    Ok((total, covered as f64 / total.max(1) as f64))
 }
 
 /// Fill in TTRs and work lags against the warm runs of the same tier: TTR
@@ -619,6 +692,8 @@ mod tests {
         assert_eq!(m.label(), "ckptfs-ls-ra4");
         let m = Method::parse("ckptfs-ls-nowait").unwrap();
         assert_eq!(m.label(), "ckptfs-ls-nowait");
+        let m = Method::parse("ckptfs-ls-ra16-pnone").unwrap();
+        assert_eq!(m.label(), "ckptfs-ls-ra16-pnone");
         assert!(Method::parse("ckptfs-fast").is_err());
         assert!(Method::parse("lazy").is_err());
     }

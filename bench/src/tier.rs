@@ -51,15 +51,17 @@ pub fn disk_of(path: &Path) -> Result<(u32, u32)> {
     Ok((major, minor))
 }
 
-/// A blkio cgroup that caps reads; the bench process is in it while this lives.
+/// A blkio cgroup that caps reads (or, for the local tier, only counts them);
+/// the bench process is in it while this lives.
 pub struct Throttle {
     group: PathBuf,
+    disk: (u32, u32),
 }
 
 impl Throttle {
-    /// Cap reads from the disk holding `dir` at `mbps` MB/s and move this
-    /// process into the group.
-    pub fn start(dir: &Path, mbps: u64) -> Result<Self> {
+    /// Put this process into a blkio group on the disk holding `dir`, with
+    /// reads capped at `mbps` MB/s (None: uncapped, only counted).
+    pub fn start(dir: &Path, mbps: Option<u64>) -> Result<Self> {
         if !Path::new(BLKIO).join("cgroup.procs").exists() {
             bail!("{BLKIO} is not a blkio cgroup (v1) hierarchy: cannot limit storage bandwidth");
         }
@@ -68,8 +70,12 @@ impl Throttle {
         if !group.exists() {
             fs::create_dir(&group).with_context(|| format!("creating {}", group.display()))?;
         }
-        let t = Throttle { group };
-        let bps = mbps * 1_000_000;
+        let t = Throttle {
+            group,
+            disk: (major, minor),
+        };
+        // 0 removes a limit.
+        let bps = mbps.unwrap_or(0) * 1_000_000;
         fs::write(
             t.group.join("blkio.throttle.read_bps_device"),
             format!("{major}:{minor} {bps}"),
@@ -78,6 +84,19 @@ impl Throttle {
         fs::write(t.group.join("cgroup.procs"), std::process::id().to_string())
             .context("joining the blkio cgroup")?;
         Ok(t)
+    }
+}
+
+impl Throttle {
+    /// Bytes the group's processes have read from the disk so far.
+    pub fn read_bytes(&self) -> u64 {
+        let text = fs::read_to_string(self.group.join("blkio.throttle.io_service_bytes"))
+            .unwrap_or_default();
+        let want = format!("{}:{} Read ", self.disk.0, self.disk.1);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -102,7 +121,7 @@ impl Drop for Throttle {
 /// eager restore of the raw dump gets on this tier).
 pub fn cold_read_mbps(file: &Path) -> Result<f64> {
     use std::io::Read;
-    crate::restore::drop_caches()?;
+    crate::restore::evict(&[file.to_owned()])?;
     let t0 = std::time::Instant::now();
     let mut f = fs::File::open(file)?;
     let mut buf = vec![0u8; 8 << 20];

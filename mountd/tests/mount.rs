@@ -600,6 +600,45 @@ fn the_tree_is_read_only_and_a_second_or_stale_mount_is_refused_clearly() {
 }
 
 #[test]
+fn a_checkpoint_truncated_under_the_mount_gives_eio_and_the_daemon_survives() {
+    let env = Env::new();
+    let log = env.dir.path().join("mountd.log");
+    let m = env.mount_foreground(&["--prefetch", "none"], &log);
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let zero = pages_with(&ck, PageSource::Zero)[0];
+    let blob_pages: Vec<u64> = (0..ck.page_count())
+        .filter(|&p| matches!(ck.entry(PageIndex(p)).source, PageSource::Blob(_)))
+        .collect();
+    drop(ck);
+    // Cut the file in the middle of its blob section.
+    let len = fs::metadata(&env.fx.ckpt).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&env.fx.ckpt)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let orig = env.original();
+    let f = DirectFile::open(&env.memory());
+    let mut eio = 0;
+    for &p in &blob_pages {
+        match f.read_page(p) {
+            Ok(bytes) => assert!(bytes == orig[p as usize * PAGE..][..PAGE], "page {p}"),
+            Err(e) => {
+                assert_eq!(e, libc::EIO, "page {p}");
+                eio += 1;
+            }
+        }
+    }
+    assert!(eio > 0, "no blob page lay past the cut");
+    // The daemon is alive and still serves the pages it can.
+    assert!(f.read_page(zero).unwrap() == orig[zero as usize * PAGE..][..PAGE]);
+    assert!(m.stats()["read_errors"].as_u64().unwrap() >= eio);
+    drop(f);
+    assert!(m.unmount().unwrap().success(), "the daemon died");
+}
+
+#[test]
 fn bad_checkpoint_is_refused_with_one_clear_line() {
     let env = Env::new();
     let garbage = env.dir.path().join("garbage.ckpt");

@@ -13,7 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::create::{CreateError, CreateOptions, MemoryImage, MemoryImageError, Summary};
+use crate::create::{CreateError, CreateOptions, Summary};
+use crate::memory::{MemoryImage, MemoryImageError};
 
 use super::qmp::{Qmp, QmpError, Version};
 use super::stream::{self, IGNORE_SHARED, StreamError};

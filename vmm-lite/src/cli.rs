@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 use crate::driver::WorkLimit;
-use crate::guest::Workload;
+use crate::guest::{DesktopParams, Workload};
 use crate::restore::{MemorySource, RestoreOptions};
 use crate::run::RunOptions;
 
@@ -55,6 +55,8 @@ struct RunArgs {
     /// Guest PRNG seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    desktop: DesktopArgs,
     /// Serve requests this many seconds after the guest is ready, then checkpoint.
     #[arg(long, default_value_t = 1.0)]
     checkpoint_after: f64,
@@ -83,6 +85,47 @@ struct RunArgs {
     /// Make those WORK requests (they modify memory) instead of READ requests.
     #[arg(long)]
     continue_writes: bool,
+}
+
+/// The desktop workload's parameters (README: "The desktop workload").
+#[derive(Args)]
+struct DesktopArgs {
+    /// Desktop: page cache, percent of the heap (bounded by the disk) [default: 45].
+    #[arg(long, value_name = "PCT")]
+    desktop_cache_pct: Option<u64>,
+    /// Desktop: computed data, percent of the heap [default: 20].
+    #[arg(long, value_name = "PCT")]
+    desktop_anon_pct: Option<u64>,
+    /// Desktop: working set, percent of the heap [default: 12].
+    #[arg(long, value_name = "PCT")]
+    desktop_ws_pct: Option<u64>,
+    /// Desktop: accesses to pages outside the working set, per mille [default: 15].
+    #[arg(long, value_name = "PERMILLE")]
+    desktop_cold_permille: Option<u64>,
+}
+
+impl DesktopArgs {
+    /// The parameters, checked; `--desktop-*` options need `--workload desktop`.
+    fn params(&self, workload: Workload) -> anyhow::Result<DesktopParams> {
+        let given = [
+            self.desktop_cache_pct,
+            self.desktop_anon_pct,
+            self.desktop_ws_pct,
+            self.desktop_cold_permille,
+        ];
+        if workload != Workload::Desktop && given.iter().any(Option::is_some) {
+            anyhow::bail!("--desktop-* options need --workload desktop");
+        }
+        let d = DesktopParams::default();
+        let params = DesktopParams {
+            cache_pct: self.desktop_cache_pct.unwrap_or(d.cache_pct),
+            anon_pct: self.desktop_anon_pct.unwrap_or(d.anon_pct),
+            ws_pct: self.desktop_ws_pct.unwrap_or(d.ws_pct),
+            cold_permille: self.desktop_cold_permille.unwrap_or(d.cold_permille),
+        };
+        params.validate()?;
+        Ok(params)
+    }
 }
 
 #[derive(Args)]
@@ -117,6 +160,29 @@ struct RestoreArgs {
     /// with t_ns counted from the start of this command ("-" = stdout).
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Request seed of this session: varies the pages the requests pick (0 = the stream the
+    /// checkpointed VM would have served).
+    #[arg(long, default_value_t = 0)]
+    request_seed: u64,
+    /// Map the checkpoint's zero-page runs listed in this file (`FIRST_PAGE PAGE_COUNT` lines,
+    /// a mount's `zero-ranges`) anonymous over the memory file. It must come from the same
+    /// checkpoint as the memory file.
+    #[arg(
+        long,
+        value_name = "ZFILE",
+        requires = "mem_file",
+        conflicts_with = "eager"
+    )]
+    zero_ranges: Option<PathBuf>,
+    /// Write the guest pages faulted in before the CHECK as `FIRST_PAGE PAGE_COUNT` lines
+    /// (lazy --mem-file restores only; turns the kernel's fault-around off, see README).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "mem_file",
+        conflicts_with = "eager"
+    )]
+    touched_out: Option<PathBuf>,
 }
 
 /// Parses "4096", "64K", "64M", "1G" (binary units).
@@ -143,6 +209,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         mem_size: args.mem,
+        desktop: args.desktop.params(args.workload)?,
         disk: args.disk,
         workload: args.workload,
         seed: args.seed,
@@ -181,6 +248,9 @@ fn restore(args: RestoreArgs, origin: Instant) -> anyhow::Result<()> {
         limit,
         writes: args.writes,
         timeline: args.timeline,
+        request_seed: args.request_seed,
+        zero_ranges: args.zero_ranges,
+        touched_out: args.touched_out,
         origin,
     };
     let report = crate::restore::restore(&opts)?;

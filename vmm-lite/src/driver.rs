@@ -48,7 +48,10 @@ pub struct PlanDriver {
     origin: Instant,
     keep_timeline: bool,
     pure: bool,
+    pause_before_check: bool,
+    paused_before_check: bool,
     first_request: Option<Instant>,
+    last_work: Option<Instant>,
     issued: Option<(u32, Instant)>,
     work_done: u64,
     completions: Vec<Completion>,
@@ -66,7 +69,10 @@ impl PlanDriver {
             origin,
             keep_timeline,
             pure: false,
+            pause_before_check: false,
+            paused_before_check: false,
             first_request: None,
+            last_work: None,
             issued: None,
             work_done: 0,
             completions: Vec::new(),
@@ -80,6 +86,23 @@ impl PlanDriver {
     pub fn pure(mut self, pure: bool) -> Self {
         self.pure = pure;
         self
+    }
+
+    /// Also pause once after the last WORK (or READ) response, before the CHECK is handed
+    /// out, so the caller can look at the VM as the requests left it; running the machine
+    /// again then issues the CHECK. A plan without work ([`Self::plans_work`]) does not
+    /// pause there.
+    pub fn pause_before_check(mut self, pause: bool) -> Self {
+        self.pause_before_check = pause;
+        self
+    }
+
+    /// Whether the plan has any WORK (or READ) requests before its CHECK.
+    pub fn plans_work(&self) -> bool {
+        match self.limit {
+            WorkLimit::Count(n) => n > 0,
+            WorkLimit::For(d) => !d.is_zero(),
+        }
     }
 
     fn work_request(&self) -> u32 {
@@ -101,6 +124,11 @@ impl PlanDriver {
     /// When the guest first asked for a request (it had finished booting).
     pub fn first_request(&self) -> Option<Instant> {
         self.first_request
+    }
+
+    /// When the last WORK (or READ) response came.
+    pub fn last_work(&self) -> Option<Instant> {
+        self.last_work
     }
 
     /// The CHECK response, once the plan has run.
@@ -138,7 +166,14 @@ impl Driver for PlanDriver {
     fn next_request(&mut self) -> u32 {
         let now = Instant::now();
         self.first_request.get_or_insert(now);
-        let code = if self.more_work(now) {
+        // When pausing before the CHECK, completed() alone decides when the work ends (a
+        // duration could run out between its pause and this call).
+        let work = if self.pause_before_check && self.plans_work() {
+            !self.paused_before_check
+        } else {
+            self.more_work(now)
+        };
+        let code = if work {
             self.work_request()
         } else {
             abi::REQ_CHECK
@@ -177,6 +212,11 @@ impl Driver for PlanDriver {
         }
         self.latencies_ns.push(latency_ns);
         self.work_done += 1;
+        self.last_work = Some(now);
+        if self.pause_before_check && !self.paused_before_check && !self.more_work(now) {
+            self.paused_before_check = true;
+            return false;
+        }
         true
     }
 }
@@ -238,6 +278,23 @@ mod tests {
         assert_eq!(d.next_request(), abi::REQ_READ | 1 << abi::REQ_ARG_SHIFT);
         assert!(d.completed(1));
         assert_eq!(d.next_request(), abi::REQ_CHECK);
+    }
+
+    #[test]
+    fn plan_can_pause_before_its_check() {
+        let mut d = PlanDriver::new(WorkLimit::Count(2), Instant::now(), false)
+            .pure(true)
+            .pause_before_check(true);
+        assert!(d.plans_work());
+        d.next_request();
+        assert!(d.completed(1));
+        d.next_request();
+        assert!(!d.completed(1), "pauses after the last READ");
+        assert_eq!(d.check(), None);
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
+        assert!(!d.completed(7));
+        assert_eq!(d.check(), Some(7));
+        assert!(!PlanDriver::new(WorkLimit::Count(0), Instant::now(), false).plans_work());
     }
 
     #[test]

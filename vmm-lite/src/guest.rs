@@ -21,6 +21,9 @@ pub enum Workload {
     Anon,
     /// Page cache, computed data and untouched memory together.
     Mixed,
+    /// A virtual desktop: page cache, computed data and free memory interleaved; requests
+    /// touch a working set of file-page runs and scattered heap pages, plus cold pages.
+    Desktop,
 }
 
 impl Workload {
@@ -29,7 +32,70 @@ impl Workload {
             Workload::Pagecache => abi::WORKLOAD_PAGECACHE,
             Workload::Anon => abi::WORKLOAD_ANON,
             Workload::Mixed => abi::WORKLOAD_MIXED,
+            Workload::Desktop => abi::WORKLOAD_DESKTOP,
         }
+    }
+}
+
+/// Parameters of the desktop workload (README: "The desktop workload").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DesktopParams {
+    /// Page cache, percent of the heap (bounded by the disk size).
+    pub cache_pct: u64,
+    /// Computed data, percent of the heap.
+    pub anon_pct: u64,
+    /// Working set, percent of the heap.
+    pub ws_pct: u64,
+    /// Accesses to pages outside the working set, per mille.
+    pub cold_permille: u64,
+}
+
+impl Default for DesktopParams {
+    fn default() -> Self {
+        DesktopParams {
+            cache_pct: abi::DESKTOP_DEFAULT_CACHE_PCT,
+            anon_pct: abi::DESKTOP_DEFAULT_ANON_PCT,
+            ws_pct: abi::DESKTOP_DEFAULT_WS_PCT,
+            cold_permille: abi::DESKTOP_DEFAULT_COLD_PERMILLE,
+        }
+    }
+}
+
+/// Desktop parameters outside their ranges.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DesktopParamsError {
+    /// Page cache and computed data together exceed the heap.
+    #[error("--desktop-cache-pct {cache} + --desktop-anon-pct {anon} exceed 100")]
+    Used {
+        /// Page cache percent.
+        cache: u64,
+        /// Computed data percent.
+        anon: u64,
+    },
+    /// The working set is empty or larger than the heap.
+    #[error("--desktop-ws-pct {0} is not in 1..=100")]
+    WorkingSet(u64),
+    /// More than all accesses are cold.
+    #[error("--desktop-cold-permille {0} is not in 0..=1000")]
+    Cold(u64),
+}
+
+impl DesktopParams {
+    /// Checks the ranges the guest relies on.
+    pub fn validate(&self) -> Result<(), DesktopParamsError> {
+        if self.cache_pct.saturating_add(self.anon_pct) > 100 {
+            return Err(DesktopParamsError::Used {
+                cache: self.cache_pct,
+                anon: self.anon_pct,
+            });
+        }
+        if !(1..=100).contains(&self.ws_pct) {
+            return Err(DesktopParamsError::WorkingSet(self.ws_pct));
+        }
+        if self.cold_permille > 1000 {
+            return Err(DesktopParamsError::Cold(self.cold_permille));
+        }
+        Ok(())
     }
 }
 
@@ -42,6 +108,9 @@ pub struct BootParams {
     pub disk_size: u64,
     /// Seed of the guest's PRNG.
     pub seed: u64,
+    /// Desktop parameters (written to the boot info whatever the workload; only the desktop
+    /// workload reads them).
+    pub desktop: DesktopParams,
 }
 
 // Page-table entry bits.
@@ -81,6 +150,12 @@ pub fn load(mem: &mut GuestMemory, params: &BootParams) {
         params.disk_size,
         params.workload.code(),
         params.seed,
+        abi::BOOT_INFO_SIZE,
+        0, // session: none yet (a restore sets it)
+        params.desktop.cache_pct,
+        params.desktop.anon_pct,
+        params.desktop.ws_pct,
+        params.desktop.cold_permille,
     ];
     let info: Vec<u8> = info.iter().flat_map(|v| v.to_le_bytes()).collect();
     debug_assert_eq!(info.len() as u64, abi::BOOT_INFO_SIZE);
@@ -88,6 +163,16 @@ pub fn load(mem: &mut GuestMemory, params: &BootParams) {
         .expect("boot info below MIN_MEM");
     mem.write(abi::IMAGE_ADDR, IMAGE)
         .expect("image below MIN_MEM");
+}
+
+/// Sets the session's request seed in the boot info of a paused guest (see
+/// [`abi::BOOT_SESSION_OFFSET`]); the guest reads it at every request.
+pub fn set_session(mem: &mut GuestMemory, seed: u64) {
+    mem.write(
+        abi::BOOT_INFO_ADDR + abi::BOOT_SESSION_OFFSET,
+        &seed.to_le_bytes(),
+    )
+    .expect("boot info below MIN_MEM");
 }
 
 /// PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages: identity map of
@@ -167,6 +252,7 @@ mod tests {
                 workload: Workload::Mixed,
                 disk_size: 0,
                 seed: 1,
+                desktop: DesktopParams::default(),
             },
         );
         let addr: u64 = (4 << 30) - 4096;
@@ -193,6 +279,7 @@ mod tests {
                 workload: Workload::Anon,
                 disk_size: 8192,
                 seed: 7,
+                desktop: DesktopParams::default(),
             },
         );
         assert_eq!(mem.read_u64(abi::BOOT_INFO_ADDR), Some(abi::BOOT_MAGIC));
@@ -208,5 +295,35 @@ mod tests {
             mem.range(abi::IMAGE_ADDR, IMAGE.len() as u64).unwrap(),
             IMAGE
         );
+        assert_eq!(
+            mem.read_u64(abi::BOOT_INFO_ADDR + abi::BOOT_SIZE_OFFSET),
+            Some(abi::BOOT_INFO_SIZE)
+        );
+        assert_eq!(
+            mem.read_u64(abi::BOOT_INFO_ADDR + abi::BOOT_DESKTOP_COLD_PERMILLE_OFFSET),
+            Some(abi::DESKTOP_DEFAULT_COLD_PERMILLE)
+        );
+    }
+
+    #[test]
+    fn desktop_params_out_of_range_are_refused() {
+        let ok = DesktopParams::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let used = DesktopParams {
+            cache_pct: 80,
+            anon_pct: 30,
+            ..ok
+        };
+        assert!(matches!(
+            used.validate(),
+            Err(DesktopParamsError::Used { .. })
+        ));
+        let ws = DesktopParams { ws_pct: 0, ..ok };
+        assert_eq!(ws.validate(), Err(DesktopParamsError::WorkingSet(0)));
+        let cold = DesktopParams {
+            cold_permille: 1001,
+            ..ok
+        };
+        assert_eq!(cold.validate(), Err(DesktopParamsError::Cold(1001)));
     }
 }

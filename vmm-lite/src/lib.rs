@@ -24,7 +24,12 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Boot a 16 MiB guest on disk.img (tracking its disk reads) and serve 100 requests + CHECK.
 //! let block = BlockDevice::open("disk.img".as_ref(), true)?;
-//! let params = guest::BootParams { workload: guest::Workload::Mixed, disk_size: block.size(), seed: 1 };
+//! let params = guest::BootParams {
+//!     workload: guest::Workload::Mixed,
+//!     disk_size: block.size(),
+//!     seed: 1,
+//!     desktop: guest::DesktopParams::default(),
+//! };
 //! let mut vm = Machine::boot(GuestMemory::anonymous(16 << 20)?, block, &params)?;
 //! let mut driver = PlanDriver::new(WorkLimit::Count(100), Instant::now(), false);
 //! vm.run(&mut driver)?;
@@ -34,7 +39,7 @@
 //! std::fs::write("mem.raw", vm.memory().as_slice())?;
 //! let saved = state::decode(&saved)?;
 //! let mem = GuestMemory::map_file_private("mem.raw".as_ref(), saved.devices.mem_size)?;
-//! let mut copy = Machine::restore(mem, BlockDevice::open("disk.img".as_ref(), false)?, &saved)?;
+//! let mut copy = Machine::restore(mem, BlockDevice::open("disk.img".as_ref(), false)?, &saved, 0)?;
 //! let mut check = PlanDriver::new(WorkLimit::Count(0), Instant::now(), false);
 //! copy.run(&mut check)?;
 //! assert_eq!(check.check(), driver.check());
@@ -44,6 +49,7 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod binding;
 pub mod block;
 pub mod cli;
 pub mod driver;
@@ -55,5 +61,7 @@ pub mod mkdisk;
 pub mod restore;
 pub mod run;
 pub mod state;
+pub mod touched;
 pub mod tracking;
 pub mod vcpu;
+pub mod zeroranges;

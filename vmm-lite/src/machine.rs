@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VmFd};
 
 use crate::abi;
+use crate::binding::{self, BindingError};
 use crate::block::{BlockDevice, BlockError, DirtyLog};
 use crate::driver::Driver;
-use crate::guest::{self, BootParams, Workload};
+use crate::guest::{self, BootParams, DesktopParams, Workload};
 use crate::hashdev;
 use crate::memory::GuestMemory;
 use crate::state::{DeviceState, VmState};
@@ -76,6 +77,9 @@ pub enum MachineError {
     /// Completing the pending I/O before a pause did not behave as documented.
     #[error("completing the pending I/O exit before pausing")]
     Pause(#[source] io::Error),
+    /// Guest RAM does not hold the pages the state was saved with.
+    #[error("the state does not belong to this guest RAM")]
+    NotThisMemory(#[source] BindingError),
     /// Harvesting the dirty log failed.
     #[error("harvesting the dirty log")]
     DirtyLog(#[source] io::Error),
@@ -140,9 +144,18 @@ pub struct Machine {
     response_hi: u32,
     tracking: bool,
     last_harvest: Instant,
+    guest: GuestInfo,
+    requests_served: u64,
+    /// Flag the next request with `REQ_NEW_SESSION` (set by a restore).
+    new_session: bool,
+}
+
+/// What the guest was booted with (saved with the state, informational).
+#[derive(Clone, Copy, Debug)]
+struct GuestInfo {
     workload: Workload,
     seed: u64,
-    requests_served: u64,
+    desktop: Option<DesktopParams>,
 }
 
 impl Machine {
@@ -164,23 +177,26 @@ impl Machine {
             block.path().display(),
             block.size() >> 20
         );
-        Ok(Self::assemble(
-            kvm,
-            mem,
-            block,
-            tracking,
-            params.workload,
-            params.seed,
-            0,
-        ))
+        let info = GuestInfo {
+            workload: params.workload,
+            seed: params.seed,
+            desktop: (params.workload == Workload::Desktop).then_some(params.desktop),
+        };
+        Ok(Self::assemble(kvm, mem, block, info, 0))
     }
 
-    /// A VM resuming `state` over `mem` (which holds the checkpointed RAM).
+    /// A VM resuming `state` over `mem` (which holds the checkpointed RAM), in session
+    /// `session` (the request seed the guest mixes into its page choices; 0 = as at the
+    /// checkpoint). Refuses memory that does not hold the pages the state was saved with.
     pub fn restore(
         mut mem: GuestMemory,
         mut block: BlockDevice,
         state: &VmState,
+        session: u64,
     ) -> Result<Self, MachineError> {
+        binding::verify(&mem, state.vcpu.regs.rsp, &state.binding)
+            .map_err(MachineError::NotThisMemory)?;
+        guest::set_session(&mut mem, session);
         let dev = &state.devices;
         block.check_size(dev.disk_size)?;
         let blocks: Vec<_> = dev
@@ -193,37 +209,34 @@ impl Machine {
         let tracking = block.tracker().is_some();
         let kvm = KvmVm::new(&mut mem, tracking)?;
         kvm.restore(&state.vcpu)?;
-        Ok(Self::assemble(
-            kvm,
-            mem,
-            block,
-            tracking,
-            dev.workload,
-            dev.seed,
-            dev.requests_served,
-        ))
+        let info = GuestInfo {
+            workload: dev.workload,
+            seed: dev.seed,
+            desktop: dev.desktop,
+        };
+        let mut machine = Self::assemble(kvm, mem, block, info, dev.requests_served);
+        machine.new_session = true;
+        Ok(machine)
     }
 
     fn assemble(
         kvm: KvmVm,
         mem: GuestMemory,
         block: BlockDevice,
-        tracking: bool,
-        workload: Workload,
-        seed: u64,
+        guest: GuestInfo,
         requests_served: u64,
     ) -> Self {
         Machine {
             kvm,
             mem,
+            tracking: block.tracker().is_some(),
             block,
             serial: SerialLog::default(),
             response_hi: 0,
-            tracking,
             last_harvest: Instant::now(),
-            workload,
-            seed,
+            guest,
             requests_served,
+            new_session: false,
         }
     }
 
@@ -249,7 +262,8 @@ impl Machine {
             match self.kvm.vcpu.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     let value = if port == abi::PORT_REQUEST {
-                        driver.next_request()
+                        let session = std::mem::take(&mut self.new_session);
+                        driver.next_request() | if session { abi::REQ_NEW_SESSION } else { 0 }
                     } else {
                         log::warn!("vmm: guest read from unknown port {port:#x}");
                         u32::MAX
@@ -405,17 +419,21 @@ impl Machine {
             self.block.overlay().map(|(o, d)| (o.0, d)).unzip();
         let devices = DeviceState {
             mem_size: self.mem.size(),
-            workload: self.workload,
-            seed: self.seed,
+            workload: self.guest.workload,
+            seed: self.guest.seed,
+            desktop: self.guest.desktop,
             disk_size: self.block.size(),
             disk_path: self.block.path().display().to_string(),
             overlay_offsets,
             requests_served: self.requests_served,
         };
+        let vcpu = self.kvm.save()?;
+        let binding = binding::record(&self.mem, vcpu.regs.rsp);
         Ok(VmState {
-            vcpu: self.kvm.save()?,
+            vcpu,
             devices,
             overlay: overlay.concat(),
+            binding,
         })
     }
 }

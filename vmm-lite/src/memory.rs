@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -158,6 +159,40 @@ impl GuestMemory {
         Ok(GuestMemory { map })
     }
 
+    /// Replaces guest pages `pages` with fresh anonymous zero pages (`MAP_FIXED` over this
+    /// mapping): the guest then never faults them in through the memory file. The caller
+    /// knows those pages are zero in the file (the checkpoint's zero ranges); if they are
+    /// not, the guest sees zeros anyway.
+    pub fn map_anonymous_over(&mut self, pages: Range<u64>) -> io::Result<()> {
+        let page = abi::PAGE_SIZE;
+        let (start, end) = (pages.start * page, pages.end.saturating_mul(page));
+        if pages.is_empty() || end > self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pages {pages:?} are not inside guest RAM"),
+            ));
+        }
+        let addr = self.host_addr().wrapping_add(start as usize);
+        // SAFETY: [addr, addr + len) lies inside this mapping, which `self` owns and which no
+        // reference points into while we hold `&mut self`; MAP_FIXED replaces exactly those
+        // pages with anonymous memory of the same protection, and `Drop` unmaps the whole
+        // range, replaced parts included.
+        let ret = unsafe {
+            libc::mmap(
+                addr.cast(),
+                (end - start) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Anonymous memory filled with the first `size` bytes of `path` (eager restore).
     pub fn copy_file(path: &Path, size: u64) -> Result<Self, MemoryError> {
         let file = Self::open_file(path, size)?;
@@ -256,6 +291,22 @@ mod tests {
         mem.write(4096, &[0, 0, 0, 0]).unwrap();
         assert_eq!(mem.read_u32(4096), Some(0));
         assert_eq!(std::fs::read(f.path()).unwrap()[4096], 7);
+    }
+
+    #[test]
+    fn pages_mapped_anonymous_read_zero_and_the_rest_still_reads_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![7u8; 4 * MIB as usize]).unwrap();
+        let mut mem = GuestMemory::map_file_private(f.path(), 4 * MIB).unwrap();
+        mem.map_anonymous_over(2..5).unwrap();
+        assert_eq!(mem.read_u32(4096), Some(0x0707_0707));
+        assert_eq!(mem.read_u32(2 * 4096), Some(0));
+        assert_eq!(mem.read_u32(5 * 4096 - 4), Some(0));
+        assert_eq!(mem.read_u32(5 * 4096), Some(0x0707_0707));
+        mem.write(3 * 4096, &[1]).unwrap();
+        assert_eq!(mem.as_slice()[3 * 4096], 1);
+        assert!(mem.map_anonymous_over(1000..1025).is_err());
+        assert!(mem.map_anonymous_over(3..3).is_err());
     }
 
     #[test]

@@ -9,20 +9,29 @@
 //!
 //! Timestamps count from `origin` (the start of the command), so the time-to-responsiveness
 //! includes mapping or copying memory.
+//!
+//! The steps: load the state, map or fill guest RAM, map the zero ranges anonymous
+//! (`--zero-ranges`, see `zeroranges`), start counting touched pages (`--touched-out`, see
+//! `touched`), check that the state belongs to this RAM and set the session's request seed
+//! (`Machine::restore`), then serve the requests and the CHECK.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ckptfs::{Checkpoint, PageIndex, ReadCounts};
 
+use crate::binding::BindingError;
 use crate::block::{BlockDevice, BlockError};
 use crate::driver::{Completion, LatencyStats, PlanDriver, WorkLimit};
 use crate::machine::{Machine, MachineError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::run::hex;
 use crate::state::{self, StateError, VmState};
+use crate::touched::{self, Touched, TouchedError};
+use crate::zeroranges::{self, ZeroRangesError, ZeroRangesReport};
 
 /// Where guest RAM comes from.
 #[derive(Clone, Debug)]
@@ -43,6 +52,14 @@ impl MemorySource {
             MemorySource::Checkpoint(_) => "ckpt-eager",
         }
     }
+
+    /// "memory file X" or "checkpoint X", for error messages.
+    fn describe(&self) -> String {
+        match self {
+            MemorySource::Map(p) | MemorySource::Eager(p) => format!("memory file {}", p.display()),
+            MemorySource::Checkpoint(p) => format!("checkpoint {}", p.display()),
+        }
+    }
 }
 
 /// What `restore` does.
@@ -61,6 +78,13 @@ pub struct RestoreOptions {
     pub writes: bool,
     /// Where to write one JSON line per completed request ("-" = stdout).
     pub timeline: Option<PathBuf>,
+    /// The session's request seed: varies the pages requests pick (0 = the stream the VM
+    /// would have served had it not been checkpointed).
+    pub request_seed: u64,
+    /// Zero ranges of the checkpoint to map anonymous (with `MemorySource::Map`).
+    pub zero_ranges: Option<PathBuf>,
+    /// Where to write the guest pages faulted in before the CHECK (with `MemorySource::Map`).
+    pub touched_out: Option<PathBuf>,
     /// Start of the command: timestamps count from here.
     pub origin: Instant,
 }
@@ -94,6 +118,14 @@ pub struct RestoreReport {
     pub requests_served: u64,
     /// Bytes rebuilt by source (ckpt-eager only).
     pub rebuilt: Option<RebuiltBytes>,
+    /// The session's request seed.
+    pub request_seed: u64,
+    /// What `--zero-ranges` mapped anonymous.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_ranges: Option<ZeroRangesReport>,
+    /// Guest pages faulted in before the CHECK (with `--touched-out`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub touched_pages: Option<u64>,
 }
 
 /// Bytes `read_pages` rebuilt, by source.
@@ -130,6 +162,36 @@ pub enum RestoreError {
         #[source]
         source: StateError,
     },
+    /// The state was saved with other guest RAM.
+    #[error("state {state} does not belong to {memory}")]
+    NotThisMemory {
+        /// "file <path>" or "section of checkpoint <path>".
+        state: String,
+        /// "memory file <path>" or "checkpoint <path>".
+        memory: String,
+        /// Which page differs.
+        #[source]
+        source: BindingError,
+    },
+    /// An identifying page that the state records as non-zero was mapped anonymous.
+    #[error(
+        "zero-ranges file {path} maps guest page {page:#x} ({what}) as zero, but the state \
+         says it is not: the file comes from another checkpoint"
+    )]
+    ZeroRangesNotThisCheckpoint {
+        /// The zero-ranges file.
+        path: PathBuf,
+        /// The page.
+        page: u64,
+        /// What it holds.
+        what: &'static str,
+    },
+    /// `--zero-ranges`.
+    #[error(transparent)]
+    ZeroRanges(#[from] ZeroRangesError),
+    /// `--touched-out`.
+    #[error(transparent)]
+    Touched(#[from] TouchedError),
     /// Neither a state file nor a checkpoint was given.
     #[error("no VMM state: give --state (or --ckpt, whose state section is used)")]
     NoState,
@@ -196,9 +258,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     block.check_size(state.devices.disk_size)?;
     memory::report_sigbus();
     let memory_started = Instant::now();
-    let (mem, rebuilt) = load_memory(opts, &state, checkpoint.as_ref())?;
+    let (mut mem, rebuilt) = load_memory(opts, &state, checkpoint.as_ref())?;
     let memory_ms = memory_started.elapsed().as_secs_f64() * 1e3;
-    let mut machine = Machine::restore(mem, block, &state)?;
+    let (zero_report, zero_runs) = match &opts.zero_ranges {
+        Some(path) => {
+            let (report, runs) = zeroranges::apply(&mut mem, path)?;
+            (Some(report), runs)
+        }
+        None => (None, Vec::new()),
+    };
+    let touched = match opts.touched_out {
+        Some(_) => Some(Touched::start(&mut mem)?),
+        None => None,
+    };
+    let mut machine = Machine::restore(mem, block, &state, opts.request_seed)
+        .map_err(|e| not_this_memory(e, opts, &zero_runs))?;
     let resumed = Instant::now();
     log::info!(
         "vmm: resuming ({}) after {:.1} ms",
@@ -206,14 +280,71 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ms_since(opts.origin, resumed)
     );
 
-    let mut driver = PlanDriver::new(opts.limit, opts.origin, true).pure(!opts.writes);
-    machine.run(&mut driver)?;
+    let mut driver = PlanDriver::new(opts.limit, opts.origin, true)
+        .pure(!opts.writes)
+        .pause_before_check(touched.is_some());
+    let touched_pages = serve(&mut machine, &mut driver, touched.as_ref(), opts)?;
     if let Some(path) = &opts.timeline {
         write_timeline(path, driver.completions())?;
     }
-    Ok(report(
-        opts, &state, memory_ms, resumed, &driver, &machine, rebuilt,
-    ))
+    let mut report = report(opts, &state, memory_ms, resumed, &driver, &machine, rebuilt);
+    report.zero_ranges = zero_report;
+    report.touched_pages = touched_pages;
+    Ok(report)
+}
+
+/// Runs the plan; with `touched`, writes the pages faulted in before the CHECK (which reads
+/// all of memory) to `--touched-out` and returns their number.
+fn serve(
+    machine: &mut Machine,
+    driver: &mut PlanDriver,
+    touched: Option<&Touched>,
+    opts: &RestoreOptions,
+) -> Result<Option<u64>, RestoreError> {
+    let (Some(touched), Some(path)) = (touched, &opts.touched_out) else {
+        machine.run(driver)?;
+        return Ok(None);
+    };
+    if driver.plans_work() {
+        machine.run(driver)?; // pauses after the last request, before the CHECK
+    }
+    let pages = touched.scan(machine.memory())?;
+    touched::write(path, &pages)?;
+    machine.run(driver)?;
+    Ok(Some(touched::count(&pages)))
+}
+
+/// Names the files when the state does not belong to guest RAM: the zero-ranges file if the
+/// differing page is one it mapped anonymous, else the state and the memory.
+fn not_this_memory(
+    err: MachineError,
+    opts: &RestoreOptions,
+    zero_runs: &[Range<u64>],
+) -> RestoreError {
+    let MachineError::NotThisMemory(source) = err else {
+        return err.into();
+    };
+    if let (BindingError::Differs { page, what }, Some(path)) = (&source, &opts.zero_ranges)
+        && zero_runs.iter().any(|r| r.contains(page))
+    {
+        return RestoreError::ZeroRangesNotThisCheckpoint {
+            path: path.clone(),
+            page: *page,
+            what,
+        };
+    }
+    let state = match (&opts.state, &opts.memory) {
+        (Some(path), _) => format!("file {}", path.display()),
+        (None, MemorySource::Checkpoint(path)) => {
+            format!("section of checkpoint {}", path.display())
+        }
+        (None, _) => "(none)".to_string(),
+    };
+    RestoreError::NotThisMemory {
+        state,
+        memory: opts.memory.describe(),
+        source,
+    }
 }
 
 fn report(
@@ -251,6 +382,9 @@ fn report(
         check_ms: driver.check_latency_ns() as f64 / 1e6,
         requests_served: machine.requests_served(),
         rebuilt,
+        request_seed: opts.request_seed,
+        zero_ranges: None,
+        touched_pages: None,
     }
 }
 

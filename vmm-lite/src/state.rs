@@ -6,27 +6,32 @@
 //! ```text
 //! offset      size  field
 //! 0           8     magic "VMMLSTAT"
-//! 8           4     format version (1)
+//! 8           4     format version (2)
 //! 12          4     CRC32 (IEEE) of bytes [HEADER_SIZE, end)
 //! 16          8     J = length of the JSON document
 //! 24          8     B = length of the overlay data (4096 x overlay blocks)
-//! 32          J     JSON {"vcpu": VcpuState, "devices": DeviceState}
+//! 32          J     JSON {"vcpu": VcpuState, "devices": DeviceState,
+//!                         "binding": [{"page", "crc32"}, ...]}
 //! 32 + J      B     disk overlay blocks, in the order of devices.overlay_offsets
 //! ```
 //!
 //! The vCPU registers are JSON through kvm-bindings' serde support; the disk overlay is
 //! binary because it is whole 4 KiB blocks. A reader checks, in order: size, magic, version,
 //! lengths, CRC, then parses.
+//!
+//! Version 2 added `binding`, the pages that tie the state to its memory (see `binding`);
+//! a version-1 state is refused, as it cannot be checked against its memory.
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::Workload;
+use crate::binding::PageCrc;
+use crate::guest::{DesktopParams, Workload};
 use crate::vcpu::VcpuState;
 
 /// "VMMLSTAT".
 pub const MAGIC: [u8; 8] = *b"VMMLSTAT";
 /// The version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + MAGIC.len();
 const CRC_OFFSET: usize = VERSION_OFFSET + size_of::<u32>();
@@ -47,6 +52,9 @@ pub struct DeviceState {
     pub workload: Workload,
     /// The guest PRNG seed it was booted with (informational, as above).
     pub seed: u64,
+    /// The desktop parameters it was booted with (desktop only; informational, as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desktop: Option<DesktopParams>,
     /// Size of the disk image the VM ran with; a restore refuses a different one.
     pub disk_size: u64,
     /// Path of that disk image when the state was saved (informational).
@@ -66,12 +74,15 @@ pub struct VmState {
     pub devices: DeviceState,
     /// Contents of the overlay blocks, 4096 bytes each, in `devices.overlay_offsets` order.
     pub overlay: Vec<u8>,
+    /// CRC32 of the guest pages that identify the VM at the moment it was saved.
+    pub binding: Vec<PageCrc>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Document {
     vcpu: VcpuState,
     devices: DeviceState,
+    binding: Vec<PageCrc>,
 }
 
 /// Why a state section was rejected.
@@ -84,7 +95,10 @@ pub enum StateError {
     #[error("not a vmm-lite state (bad magic)")]
     Magic,
     /// Unknown version.
-    #[error("unsupported state version {0} (this vmm-lite reads version {VERSION})")]
+    #[error(
+        "unsupported state version {0} (this vmm-lite reads version {VERSION}): re-create the \
+         checkpoint with this vmm-lite"
+    )]
     Version(u32),
     /// Header lengths disagree with the size.
     #[error("truncated or padded: header says {expected} bytes, found {actual}")]
@@ -120,6 +134,7 @@ pub fn encode(state: &VmState) -> Vec<u8> {
     let doc = DocumentRef {
         vcpu: &state.vcpu,
         devices: &state.devices,
+        binding: &state.binding,
     };
     let json = serde_json::to_vec(&doc).expect("state serializes");
     let mut out = Vec::with_capacity(HEADER_SIZE + json.len() + state.overlay.len());
@@ -139,6 +154,7 @@ pub fn encode(state: &VmState) -> Vec<u8> {
 struct DocumentRef<'a> {
     vcpu: &'a VcpuState,
     devices: &'a DeviceState,
+    binding: &'a [PageCrc],
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -193,6 +209,7 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, StateError> {
         vcpu: doc.vcpu,
         devices: doc.devices,
         overlay,
+        binding: doc.binding,
     })
 }
 
@@ -217,6 +234,7 @@ mod tests {
             mem_size: 16 << 20,
             workload: Workload::Mixed,
             seed: 9,
+            desktop: None,
             disk_size: 1 << 20,
             disk_path: "disk.img".into(),
             overlay_offsets: vec![0, 8192],
@@ -226,6 +244,10 @@ mod tests {
             vcpu,
             devices,
             overlay: vec![5; 2 * BLOCK],
+            binding: vec![PageCrc {
+                page: 7,
+                crc32: 0x1234_5678,
+            }],
         }
     }
 
@@ -239,13 +261,14 @@ mod tests {
         assert_eq!(back.vcpu.msrs, vec![(0x10, 12345)]);
         assert_eq!(back.devices, sample().devices);
         assert_eq!(back.overlay, sample().overlay);
+        assert_eq!(back.binding, sample().binding);
     }
 
     #[test]
     fn header_fields_are_where_the_doc_says() {
         let bytes = encode(&sample());
         assert_eq!(&bytes[0..8], b"VMMLSTAT"); // magic
-        assert_eq!(&bytes[8..12], &[1, 0, 0, 0]); // version 1
+        assert_eq!(&bytes[8..12], &[2, 0, 0, 0]); // version 2
         let json_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
         assert_eq!(&bytes[24..32], &(2 * BLOCK as u64).to_le_bytes()); // overlay length
         assert_eq!(bytes[32], b'{'); // JSON starts right after the 32-byte header
@@ -262,6 +285,13 @@ mod tests {
         let mut bad = good.clone();
         bad[8] = 9;
         assert!(matches!(decode(&bad), Err(StateError::Version(9))));
+        let mut old = good.clone();
+        old[8] = 1;
+        let err = decode(&old).unwrap_err().to_string();
+        assert!(
+            err.contains("version 1") && err.contains("re-create the checkpoint"),
+            "{err}"
+        );
         assert!(matches!(
             decode(&good[..good.len() - 1]),
             Err(StateError::Length { .. })
@@ -279,7 +309,7 @@ mod tests {
         }
         let mut fake = vec![0; HEADER_SIZE];
         fake[..8].copy_from_slice(&MAGIC);
-        fake[8] = 1;
+        fake[8] = VERSION as u8;
         fake[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(decode(&fake), Err(StateError::Length { .. })));
     }

@@ -78,3 +78,8 @@ fn pagecache_checkpoint_with_scan() {
 fn anon_checkpoint() {
     checkpoint_matches_raw_dump("anon", true);
 }
+
+#[test]
+fn desktop_checkpoint_with_hints_only() {
+    checkpoint_matches_raw_dump("desktop", true);
+}

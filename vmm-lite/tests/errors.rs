@@ -184,3 +184,143 @@ fn bad_sizes_are_refused() {
     let err = run_fails(&["mkdisk", &t.p("x.img"), "--size", "1000"]);
     assert!(one_line(&err).contains("multiple of 4096"), "{err}");
 }
+
+/// A 16 MiB mixed VM after `warmup` requests with `seed`: (raw dump, state file).
+fn vm(t: &Setup, name: &str, seed: &str, warmup: &str) -> (String, String) {
+    let (raw, state) = (t.p(&format!("{name}.raw")), t.p(&format!("{name}.state")));
+    run_json(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &t.disk(),
+        "--seed",
+        seed,
+        "--warmup-requests",
+        warmup,
+        "--raw-out",
+        &raw,
+        "--state-out",
+        &state,
+    ]);
+    (raw, state)
+}
+
+#[test]
+fn a_state_with_another_vms_memory_is_refused() {
+    let t = Setup::new("16M");
+    let disk = t.disk();
+    let (raw_a, state_a) = vm(&t, "a", "1", "50");
+    let (raw_b, state_b) = vm(&t, "b", "2", "50");
+    let (raw_c, _) = vm(&t, "c", "1", "60"); // VM a, ten requests later
+    // Another seed shows in the boot info; the same VM later, in its stack.
+    let cases = [
+        (&raw_a, &state_b, "boot info"),
+        (&raw_b, &state_a, "boot info"),
+        (&raw_c, &state_a, "guest stack"),
+    ];
+    for (raw, state, page) in cases {
+        let err = run_fails(&[
+            "restore",
+            "--mem-file",
+            raw,
+            "--state",
+            state,
+            "--disk",
+            &disk,
+            "--requests",
+            "1",
+        ]);
+        let line = one_line(&err);
+        assert!(
+            line.contains(state.as_str()) && line.contains(raw.as_str()),
+            "names both files: {line}"
+        );
+        assert!(
+            line.contains("does not belong to") && line.contains(page),
+            "{line}"
+        );
+    }
+    // The right pairs resume.
+    for (raw, state) in [(&raw_a, &state_a), (&raw_b, &state_b)] {
+        let ok = run_json(&[
+            "restore",
+            "--mem-file",
+            raw,
+            "--state",
+            state,
+            "--disk",
+            &disk,
+            "--requests",
+            "1",
+        ]);
+        assert_eq!(ok["requests"], 1);
+    }
+}
+
+#[test]
+fn a_version_1_state_is_refused_with_advice() {
+    let (t, raw, state) = checkpointed();
+    let mut old = std::fs::read(&state).unwrap();
+    old[8] = 1; // the version field (the CRC covers only what follows the header)
+    let path = t.p("v1.state");
+    std::fs::write(&path, old).unwrap();
+    let err = run_fails(&[
+        "restore",
+        "--mem-file",
+        &raw,
+        "--state",
+        &path,
+        "--disk",
+        &t.disk(),
+    ]);
+    let line = one_line(&err);
+    assert!(
+        line.contains(&path)
+            && line.contains("version 1")
+            && line.contains("re-create the checkpoint"),
+        "{line}"
+    );
+}
+
+#[test]
+fn desktop_options_are_checked() {
+    let t = Setup::new("16M");
+    let disk = t.disk();
+    let err = run_fails(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &disk,
+        "--desktop-ws-pct",
+        "5",
+    ]);
+    assert!(one_line(&err).contains("need --workload desktop"), "{err}");
+    let err = run_fails(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &disk,
+        "--workload",
+        "desktop",
+        "--desktop-cache-pct",
+        "80",
+        "--desktop-anon-pct",
+        "30",
+    ]);
+    assert!(one_line(&err).contains("exceed 100"), "{err}");
+    let err = run_fails(&[
+        "run",
+        "--mem",
+        "16M",
+        "--disk",
+        &disk,
+        "--workload",
+        "desktop",
+        "--desktop-ws-pct",
+        "0",
+    ]);
+    assert!(one_line(&err).contains("--desktop-ws-pct 0"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vmm_lite::block::BlockDevice;
 use vmm_lite::driver::{PlanDriver, WorkLimit};
-use vmm_lite::guest::{BootParams, Workload};
+use vmm_lite::guest::{BootParams, DesktopParams, Workload};
 use vmm_lite::machine::Machine;
 use vmm_lite::memory::GuestMemory;
 use vmm_lite::state;
@@ -22,6 +22,7 @@ fn booted(t: &common::Setup) -> Machine {
         workload: Workload::Mixed,
         disk_size: block.size(),
         seed: 3,
+        desktop: DesktopParams::default(),
     };
     Machine::boot(mem, block, &params).unwrap()
 }
@@ -62,8 +63,8 @@ fn restored_copy_continues_like_the_original() {
 
     let saved = state::decode(&bytes).unwrap();
     let mem = GuestMemory::map_file_private(&raw, saved.devices.mem_size).unwrap();
-    let mut copy =
-        Machine::restore(mem, BlockDevice::open(&t.disk, false).unwrap(), &saved).unwrap();
+    let block = BlockDevice::open(&t.disk, false).unwrap();
+    let mut copy = Machine::restore(mem, block, &saved, 0).unwrap();
     assert_eq!(serve(&mut copy, 0, true), check);
     assert_eq!(serve(&mut copy, 25, false), serve(&mut original, 25, false));
     // The copy answered one extra CHECK.

@@ -123,6 +123,11 @@ fn anon_round_trip() {
 }
 
 #[test]
+fn desktop_round_trip() {
+    round_trip("desktop");
+}
+
+#[test]
 fn timeline_has_a_line_per_request() {
     let t = Setup::new("16M");
     let (raw, state, disk, timeline) = (t.p("mem.raw"), t.p("state.bin"), t.disk(), t.p("t.jsonl"));

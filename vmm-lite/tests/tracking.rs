@@ -123,3 +123,20 @@ fn anon_workload_has_no_hints() {
     assert!(o.hints.is_empty());
     assert!(content_scan(&o.mem, &o.disk).is_empty());
 }
+
+#[test]
+fn desktop_hints_equal_content_scan() {
+    // The desktop interleaves page cache, computed data and free memory in 2 MiB segments:
+    // cached pages are scattered over RAM, and the hints still name exactly their blocks.
+    let o = run_with_hints("desktop");
+    let scan = content_scan(&o.mem, &o.disk);
+    assert!(!o.hints.is_empty(), "{}", o.report);
+    let missing: Vec<_> = scan.difference(&o.hints).take(5).collect();
+    let extra: Vec<_> = o.hints.difference(&scan).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "desktop: scan-only {missing:?}, hint-only {extra:?}"
+    );
+    let segments: BTreeSet<u64> = o.hints.iter().map(|&(p, _)| p / 512).collect();
+    assert!(segments.len() > 4, "hints in segments {segments:?}");
+}

@@ -14,7 +14,8 @@
 // 0x0000_1000  | PML4                   |
 // 0x0000_2000  | PDPT                   |
 // 0x0000_3000  | 4 page directories     |  2 MiB pages, 4 GiB
-// 0x0000_7000  | boot info              |  written by the VMM before the first run
+// 0x0000_7000  | boot info              |  written by the VMM before the first run (session
+//              |                        |  seed: again at each restore)
 // 0x0010_0000  | guest image            |  .text .rodata .data .bss (<= 512 KiB)
 // 0x0018_0000  | stack (grows down)     |
 // 0x0020_0000  | heap: the workload's   |  page cache | computed data | untouched zero
@@ -44,6 +45,10 @@ pub const IMAGE_MAX: u64 = 0x8_0000;
 pub const STACK_TOP: u64 = 0x20_0000;
 /// First byte of the memory the workload manages.
 pub const HEAP_ADDR: u64 = 0x20_0000;
+/// The local APIC's default base: KVM here turns guest accesses to this page into MMIO exits
+/// even without an in-kernel irqchip, so RAM there is not usable by the guest (only the
+/// desktop workload would reach it; it keeps its segments below).
+pub const APIC_HOLE_ADDR: u64 = 0xfee0_0000;
 /// Smallest guest RAM size.
 pub const MIN_MEM: u64 = 4 << 20;
 /// Largest guest RAM size (what the page tables map).
@@ -74,8 +79,12 @@ pub const REQ_SHUTDOWN: u32 = 3;
 pub const REQ_READ: u32 = 4;
 /// A request word is `code | argument << REQ_ARG_SHIFT` (code in the low 8 bits).
 pub const REQ_ARG_SHIFT: u32 = 8;
+/// Flag in the code byte of a request word: the VMM has put a new session seed in the boot
+/// info ([`BOOT_SESSION_OFFSET`]). It sets it on the first request after a restore; the
+/// guest then reads the seed once and keeps it, instead of loading it at every request.
+pub const REQ_NEW_SESSION: u32 = 0x80;
 /// Mask of the code in a request word.
-pub const REQ_CODE_MASK: u32 = (1 << REQ_ARG_SHIFT) - 1;
+pub const REQ_CODE_MASK: u32 = REQ_NEW_SESSION - 1;
 
 /// Boot info magic, "VMMLBOOT" little endian.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VMMLBOOT");
@@ -89,8 +98,28 @@ pub const BOOT_DISK_SIZE_OFFSET: u64 = BOOT_MEM_SIZE_OFFSET + 8;
 pub const BOOT_WORKLOAD_OFFSET: u64 = BOOT_DISK_SIZE_OFFSET + 8;
 /// Boot info: `u64` seed of the guest's PRNG.
 pub const BOOT_SEED_OFFSET: u64 = BOOT_WORKLOAD_OFFSET + 8;
-/// Size of the boot info block.
-pub const BOOT_INFO_SIZE: u64 = BOOT_SEED_OFFSET + 8;
+/// Size of the first boot info layout (version 1: magic .. seed). A VMM of that version
+/// wrote nothing after it, so the guest reads the fields below only when
+/// [`BOOT_SIZE_OFFSET`] says they were written.
+pub const BOOT_INFO_V1_SIZE: u64 = BOOT_SEED_OFFSET + 8;
+/// Boot info: `u64` bytes of boot info the VMM wrote (0 = a version-1 VMM: 40 bytes).
+pub const BOOT_SIZE_OFFSET: u64 = BOOT_INFO_V1_SIZE;
+/// Boot info: `u64` request seed of the current session: 0 at boot, rewritten by the VMM
+/// when it restores the VM (then it flags the next request with [`REQ_NEW_SESSION`]). The
+/// guest mixes it into the pages READ requests (and desktop WORK requests) pick, so two
+/// restores of one checkpoint with different seeds touch different pages. Not part of the
+/// CHECK.
+pub const BOOT_SESSION_OFFSET: u64 = BOOT_SIZE_OFFSET + 8;
+/// Boot info: `u64` desktop workload: page cache, percent of the heap.
+pub const BOOT_DESKTOP_CACHE_PCT_OFFSET: u64 = BOOT_SESSION_OFFSET + 8;
+/// Boot info: `u64` desktop workload: computed data, percent of the heap.
+pub const BOOT_DESKTOP_ANON_PCT_OFFSET: u64 = BOOT_DESKTOP_CACHE_PCT_OFFSET + 8;
+/// Boot info: `u64` desktop workload: working set, percent of the heap.
+pub const BOOT_DESKTOP_WS_PCT_OFFSET: u64 = BOOT_DESKTOP_ANON_PCT_OFFSET + 8;
+/// Boot info: `u64` desktop workload: accesses outside the working set, per mille.
+pub const BOOT_DESKTOP_COLD_PERMILLE_OFFSET: u64 = BOOT_DESKTOP_WS_PCT_OFFSET + 8;
+/// Size of the boot info block (version 2).
+pub const BOOT_INFO_SIZE: u64 = BOOT_DESKTOP_COLD_PERMILLE_OFFSET + 8;
 
 /// Workload: page cache of the disk.
 pub const WORKLOAD_PAGECACHE: u64 = 1;
@@ -98,6 +127,21 @@ pub const WORKLOAD_PAGECACHE: u64 = 1;
 pub const WORKLOAD_ANON: u64 = 2;
 /// Workload: a third page cache, a third computed data, a third untouched.
 pub const WORKLOAD_MIXED: u64 = 3;
+/// Workload: a virtual desktop: page cache, computed data and free memory interleaved in
+/// 2 MiB segments; requests touch a working set of file-page runs and scattered heap pages,
+/// plus a few cold pages.
+pub const WORKLOAD_DESKTOP: u64 = 4;
+
+/// Desktop default: page cache, percent of the heap (bounded by the disk size).
+pub const DESKTOP_DEFAULT_CACHE_PCT: u64 = 45;
+/// Desktop default: computed data, percent of the heap.
+pub const DESKTOP_DEFAULT_ANON_PCT: u64 = 20;
+/// Desktop default: working set, percent of the heap.
+pub const DESKTOP_DEFAULT_WS_PCT: u64 = 12;
+/// Desktop default: accesses to pages outside the working set, per mille.
+pub const DESKTOP_DEFAULT_COLD_PERMILLE: u64 = 15;
+/// Desktop: pages per segment of the heap layout (2 MiB).
+pub const DESKTOP_SEGMENT_PAGES: u64 = 512;
 
 /// Block request: `u32` operation (`BLOCK_OP_*`).
 pub const BLOCK_OP_OFFSET: u64 = 0;

@@ -45,6 +45,15 @@ impl core::fmt::Write for Serial {
     }
 }
 
+/// The session's request seed ([`abi::BOOT_SESSION_OFFSET`]): 0 at boot, set by the VMM
+/// when it restores the VM (read it when a request carries [`abi::REQ_NEW_SESSION`]).
+pub fn session() -> u64 {
+    let addr = (abi::BOOT_INFO_ADDR + abi::BOOT_SESSION_OFFSET) as *const u64;
+    // SAFETY: the boot info block is guest RAM that this program never writes; the VMM
+    // writes it only while the vCPU is stopped. Volatile: it changes behind the compiler.
+    unsafe { core::ptr::read_volatile(addr) }
+}
+
 /// Blocks until the VMM hands out the next request.
 pub fn next_request() -> u32 {
     in32(abi::PORT_REQUEST)

@@ -8,6 +8,8 @@
 //! [cache + anon, heap)    untouched: stays zero
 //! ```
 //!
+//! except `desktop`, which interleaves the three in 2 MiB segments (see `desktop.rs`).
+//!
 //! A `READ` request does the same reads and changes nothing. A `WORK` request reads a word from each of [`PAGES_PER_REQUEST`] pages of the working set
 //! (cache + anon), 90 % of them from a hot tenth, and sometimes modifies one; page-cache
 //! writes are sometimes written back to disk (a modified page, like a file system flushing it).
@@ -16,6 +18,7 @@
 //! microsecond per instruction, so a request is a few hundred instructions, computed data is
 //! a few words per page, and the whole-memory CHECK uses the VMM's hash device.
 
+use crate::desktop::{Desktop, FileRead};
 use crate::{BootInfo, abi, io};
 use core::fmt::Write;
 
@@ -30,7 +33,7 @@ const WRITEBACK_EVERY: u64 = 64;
 /// Write-backs go to the first this many page-cache pages (bounds the VMM's disk overlay).
 const WRITEBACK_PAGES: u64 = 64;
 /// Pages per disk read while filling the page cache.
-const READ_CHUNK_PAGES: u64 = 64;
+pub const READ_CHUNK_PAGES: u64 = 64;
 const WORDS: usize = (abi::PAGE_SIZE / 8) as usize;
 
 type Page = [u64; WORDS];
@@ -46,21 +49,23 @@ pub struct State {
     requests: u64,
     modified: u64,
     written_back: u64,
+    /// Desktop layout and working set (all zero for the other workloads).
+    desk: Desktop,
 }
 
-fn page(heap_page: u64) -> &'static mut Page {
+pub fn page(heap_page: u64) -> &'static mut Page {
     let addr = abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE;
     // SAFETY: callers pass heap pages below `heap_pages`, which are guest RAM that only this
     // program uses; requests run one at a time, so no two references are live at once.
     unsafe { &mut *(addr as *mut Page) }
 }
 
-fn page_addr(heap_page: u64) -> u64 {
+pub fn page_addr(heap_page: u64) -> u64 {
     abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE
 }
 
 /// splitmix64 finaliser: computed data that is neither zero nor on disk.
-fn mix(mut x: u64) -> u64 {
+pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -68,7 +73,7 @@ fn mix(mut x: u64) -> u64 {
 }
 
 /// xorshift64*.
-fn xorshift(state: &mut u64) -> u64 {
+pub fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state >> 12;
     *state ^= *state << 25;
     *state ^= *state >> 27;
@@ -99,15 +104,41 @@ fn hash_words(words: &[u64], seed: u64) -> u64 {
     mix(lanes[0] ^ lanes[1].rotate_left(16) ^ lanes[2].rotate_left(32) ^ lanes[3].rotate_left(48))
 }
 
+/// A session's request seed (see [`abi::BOOT_SESSION_OFFSET`]) as requests use it, derived
+/// once per session rather than at every request.
+#[derive(Clone, Copy)]
+pub struct Session {
+    /// Added to a READ's PRNG seed: nothing for seed 0, so the READ stream of session 0 is
+    /// the one from before sessions existed.
+    salt: u64,
+    /// The desktop's session key (which runs and singles this session replaces).
+    desktop_key: u64,
+}
+
+impl Session {
+    /// The session with request seed `seed`.
+    pub fn new(seed: u64) -> Self {
+        Session {
+            salt: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            desktop_key: crate::desktop::session_key(seed),
+        }
+    }
+}
+
 impl State {
     /// Lays out the heap for the boot info's workload and fills it.
     pub fn init(info: &BootInfo) -> Self {
         let heap_pages = info.mem_size.saturating_sub(abi::HEAP_ADDR) / abi::PAGE_SIZE;
         let disk_pages = info.disk_size / abi::PAGE_SIZE;
+        let mut desk = Desktop::default();
         let (cache_pages, anon_pages) = match info.workload {
             abi::WORKLOAD_PAGECACHE => (disk_pages.min(heap_pages * 3 / 4), 0),
             abi::WORKLOAD_ANON => (0, heap_pages * 3 / 4),
             abi::WORKLOAD_MIXED => (disk_pages.min(heap_pages / 3), heap_pages / 3),
+            abi::WORKLOAD_DESKTOP => {
+                desk = Desktop::new(&info.desktop(), heap_pages, disk_pages);
+                (desk.cache_pages(), desk.anon_pages())
+            }
             other => panic!("unknown workload {other}"),
         };
         let mut state = State {
@@ -119,8 +150,13 @@ impl State {
             requests: 0,
             modified: 0,
             written_back: 0,
+            desk,
         };
-        state.fill_cache();
+        if state.is_desktop() {
+            state.desk.fill_cache();
+        } else {
+            state.fill_cache();
+        }
         state.fill_anon();
         let _ = writeln!(
             io::Serial,
@@ -132,6 +168,19 @@ impl State {
             heap_pages - cache_pages - anon_pages
         );
         state
+    }
+
+    fn is_desktop(&self) -> bool {
+        self.workload == abi::WORKLOAD_DESKTOP
+    }
+
+    /// Heap page of page-cache page `c` (which holds disk block `c`).
+    fn cache_heap(&self, c: u64) -> u64 {
+        if self.is_desktop() {
+            self.desk.cache_heap(c)
+        } else {
+            c
+        }
     }
 
     /// Reads disk blocks [0, cache) into heap pages [0, cache). Like an OS allocator, it
@@ -150,12 +199,21 @@ impl State {
     }
 
     fn fill_anon(&mut self) {
+        for a in 0..self.anon_pages {
+            let p = if self.is_desktop() {
+                self.desk.anon_heap(a)
+            } else {
+                self.cache_pages + a
+            };
+            self.fill_anon_page(p);
+        }
+    }
+
+    fn fill_anon_page(&self, p: u64) {
         const STRIDE: usize = WORDS / ANON_WORDS_PER_PAGE;
-        for p in self.cache_pages..self.cache_pages + self.anon_pages {
-            let words = page(p);
-            for j in 0..ANON_WORDS_PER_PAGE {
-                words[j * STRIDE] = mix(self.rng ^ (p << 9 | j as u64)) | 1;
-            }
+        let words = page(p);
+        for j in 0..ANON_WORDS_PER_PAGE {
+            words[j * STRIDE] = mix(self.rng ^ (p << 9 | j as u64)) | 1;
         }
     }
 
@@ -163,12 +221,34 @@ impl State {
         xorshift(&mut self.rng)
     }
 
-    fn pick(&mut self) -> u64 {
-        pick(&mut self.rng, self.cache_pages + self.anon_pages)
+    /// One working-set page for a WORK request to modify.
+    fn pick(&mut self, session: &Session) -> u64 {
+        if self.is_desktop() {
+            let mut rng = self.rng;
+            let sk = session.desktop_key;
+            let p = self.desk.next_page(&mut rng, sk, &mut FileRead::default());
+            self.rng = rng;
+            p
+        } else {
+            pick(&mut self.rng, self.cache_pages + self.anon_pages)
+        }
     }
 
-    /// Reads one word from each of `PAGES_PER_REQUEST` working-set pages chosen by `rng`.
-    fn read_pages(&self, rng: &mut u64, mut acc: u64) -> u64 {
+    /// Reads one word from each of `PAGES_PER_REQUEST` working-set pages chosen by `rng`
+    /// (and, for the desktop, the session seed).
+    fn read_pages(&self, rng: &mut u64, acc: u64, session: &Session) -> u64 {
+        if self.is_desktop() {
+            self.read_desktop_pages(rng, acc, session)
+        } else {
+            self.read_working_set(rng, acc)
+        }
+    }
+
+    /// [`Self::read_pages`] of the pagecache, anon and mixed workloads. Its own function, so
+    /// that their requests cost the same instructions (register saves included) as before
+    /// the desktop workload existed: an instruction costs about a microsecond here.
+    #[inline(never)]
+    fn read_working_set(&self, rng: &mut u64, mut acc: u64) -> u64 {
         for _ in 0..PAGES_PER_REQUEST {
             let p = pick(rng, self.cache_pages + self.anon_pages);
             let w = page(p)[(*rng % WORDS as u64) as usize];
@@ -177,13 +257,29 @@ impl State {
         acc
     }
 
-    /// A READ request: like WORK without side effects; `arg` (from the VMM) varies the pages.
-    pub fn read(&self, arg: u32) -> u64 {
+    #[inline(never)]
+    fn read_desktop_pages(&self, rng: &mut u64, mut acc: u64, session: &Session) -> u64 {
+        let sk = session.desktop_key;
+        let mut file = FileRead::default();
+        for _ in 0..PAGES_PER_REQUEST {
+            let p = self.desk.next_page(rng, sk, &mut file);
+            let w = page(p)[((*rng ^ p) % WORDS as u64) as usize];
+            acc = (acc ^ w ^ p).wrapping_mul(0x100_0000_01b3);
+        }
+        acc
+    }
+
+    /// A READ request: like WORK without side effects; `arg` (from the VMM) and the session
+    /// seed vary the pages.
+    pub fn read(&self, arg: u32, session: &Session) -> u64 {
         if self.cache_pages + self.anon_pages == 0 {
             return 0;
         }
-        let mut rng = mix(self.rng ^ u64::from(arg)) | 1;
-        self.read_pages(&mut rng, u64::from(arg)) & 0xffff_ffff
+        // The desktop's session changes what it touches, not the order of its accesses
+        // (desktop.rs); the other workloads draw a whole new stream per session.
+        let salt = if self.is_desktop() { 0 } else { session.salt };
+        let mut rng = mix(self.rng ^ u64::from(arg) ^ salt) | 1;
+        self.read_pages(&mut rng, u64::from(arg), session) & 0xffff_ffff
     }
 
     fn modify(&mut self, p: u64) {
@@ -193,22 +289,24 @@ impl State {
         self.modified += 1;
     }
 
-    /// One unit of work; returns a checksum of the pages it read.
-    pub fn work(&mut self) -> u64 {
+    /// One unit of work; returns a checksum of the pages it read. The session seed only
+    /// matters to the desktop (which runs are in its working set).
+    pub fn work(&mut self, session: &Session) -> u64 {
         if self.cache_pages + self.anon_pages == 0 {
             return 0;
         }
         let mut rng = self.rng;
-        let acc = self.read_pages(&mut rng, self.requests);
+        let acc = self.read_pages(&mut rng, self.requests, session);
         self.rng = rng;
         if self.next() % MODIFY_EVERY == 0 {
-            let p = self.pick();
+            let p = self.pick(session);
             self.modify(p);
         }
         if self.cache_pages > 0 && self.next() % WRITEBACK_EVERY == 0 {
-            let p = self.next() % WRITEBACK_PAGES.min(self.cache_pages);
+            let c = self.next() % WRITEBACK_PAGES.min(self.cache_pages);
+            let p = self.cache_heap(c);
             self.modify(p);
-            io::disk_write(p * abi::PAGE_SIZE, page_addr(p), abi::PAGE_SIZE);
+            io::disk_write(c * abi::PAGE_SIZE, page_addr(p), abi::PAGE_SIZE);
             self.written_back += 1;
         }
         self.requests += 1;
@@ -229,8 +327,12 @@ impl State {
             self.modified,
             self.written_back,
         ];
+        let mut h = hash_words(&fields, 0);
+        if self.is_desktop() {
+            h ^= hash_words(&self.desk.fields(), 1);
+        }
         let heap = io::hash_memory(abi::HEAP_ADDR, self.heap_pages * abi::PAGE_SIZE);
-        let h = mix(hash_words(&fields, 0) ^ heap);
+        let h = mix(h ^ heap);
         // Never 0, and the high half is never 0 either, so the response always carries 64 bits.
         h | (1 << 63)
     }
