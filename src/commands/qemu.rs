@@ -48,8 +48,10 @@ Without --exec the mount stays up; stdout is the arguments to add to QEMU's
 command line (in place of its memory-backend-file and any -incoming), stderr
 says which QMP commands load the state. QEMU < 8.2 opens mem-path read-write,
 which drops pages pushed into the page cache before QEMU maps the file, so
---wait-loading-set is left out there (the loading set is pushed while QEMU
-runs); QEMU >= 8.2 gets readonly=on,rom=off and the mount waits for the set.";
+--wait-loading-set is left out of the mount there (the loading set is pushed
+while QEMU runs); with --exec it then means: once QEMU has loaded the device
+state, wait for the set, read again what QEMU's mapping dropped, then resume.
+QEMU >= 8.2 gets readonly=on,rom=off and the mount waits for the set.";
 
 /// `ckptfs qemu ...`.
 #[derive(Subcommand, Debug)]
@@ -267,14 +269,7 @@ impl RestoreArgs {
         let opts = self.mount_options(&plan, version);
         match &self.exec {
             None => self.mount_and_print(&plan, &opts),
-            Some(cmd) => exec_restore(
-                &self.checkpoint,
-                &self.mountpoint,
-                &plan,
-                &opts,
-                cmd,
-                self.refine,
-            ),
+            Some(cmd) => exec_restore(self, &plan, &opts, cmd),
         }
     }
 
@@ -288,13 +283,21 @@ impl RestoreArgs {
                 opts.push(wait.into());
             }
         } else if opts.iter().any(|o| o == wait) {
-            let v = version.map_or("of unknown version".into(), save::version_string);
-            eprintln!(
-                "ckptfs: warning: QEMU {v} opens mem-path read-write, which drops pages pushed into the page cache before it maps the file: mounting without --wait-loading-set (the loading set is pushed while QEMU runs)"
-            );
+            // With --exec, the wait happens once QEMU has mapped the file.
+            if self.exec.is_none() {
+                let v = version.map_or("of unknown version".into(), save::version_string);
+                eprintln!(
+                    "ckptfs: warning: QEMU {v} opens mem-path read-write, which drops pages pushed into the page cache before it maps the file: mounting without --wait-loading-set (the loading set is pushed while QEMU runs)"
+                );
+            }
             opts.retain(|o| o != wait);
         }
         opts
+    }
+
+    /// Whether the user asked for the loading set before the VM runs.
+    fn wants_wait(&self) -> bool {
+        self.mount_opts.iter().any(|o| o == "--wait-loading-set")
     }
 
     fn mount_and_print(&self, plan: &Plan, opts: &[OsString]) -> Result<ExitCode> {
@@ -483,13 +486,18 @@ impl Daemon {
         }
     }
 
+    /// The mount's live stats.
+    fn stats(&self) -> Result<serde_json::Value> {
+        let path = self.mountpoint.join("stats");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
     /// Until the loading set is in the page cache (or absent, or refused).
     fn wait_loading_set(&self) -> Result<()> {
         let t0 = Instant::now();
         while t0.elapsed() < INCOMING_TIMEOUT {
-            let stats: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(self.mountpoint.join("stats"))?)?;
-            if stats["loading_set"]["state"] != "loading" {
+            if self.stats()?["loading_set"]["state"] != "loading" {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -546,13 +554,15 @@ impl Drop for QemuChild {
 /// Mount in the foreground, run QEMU, load the device state, resume, wait
 /// for QEMU, unmount.
 fn exec_restore(
-    ckpt: &Path,
-    mountpoint: &Path,
+    args: &RestoreArgs,
     plan: &Plan,
     opts: &[OsString],
     cmd: &[OsString],
-    refine: bool,
 ) -> Result<ExitCode> {
+    let (ckpt, mountpoint) = (args.checkpoint.as_path(), args.mountpoint.as_path());
+    // QEMU < 8.2 drops what the loader pushed before it mapped `memory`: wait
+    // for the set once QEMU runs, and read that part again (see below).
+    let wait_after_map = !plan.readonly && args.wants_wait();
     let t0 = Instant::now();
     let run = RunDir::new()?;
     let daemon = Daemon::start(ckpt, mountpoint, opts)?;
@@ -572,6 +582,14 @@ fn exec_restore(
             .with_context(|| format!("cannot run {}", Path::new(&cmd[0]).display()))?,
     );
     let mut qmp = connect(&mut qemu, &socket)?;
+    // QMP answers once the machine is built, so QEMU has mapped `memory`.
+    let pushed_before_map = if wait_after_map {
+        daemon.stats()?["loading_set"]["pushed_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let status = qmp.query_status()?;
     if status.status != "inmigrate" {
         bail!(
@@ -580,6 +598,10 @@ fn exec_restore(
         );
     }
     plan.incoming(&mut qmp, INCOMING_TIMEOUT)?;
+    if wait_after_map {
+        daemon.wait_loading_set()?;
+        reread_dropped(ckpt, opts, &plan.memory, pushed_before_map)?;
+    }
     let start_paused = cmd[1..].iter().any(|a| a == "-S");
     if !start_paused && !qmp.query_status()?.running {
         qmp.cont()?;
@@ -591,7 +613,7 @@ fn exec_restore(
         t0.elapsed().as_secs_f64()
     );
     drop(qmp);
-    let recording = refine && opts.iter().any(|o| o == "--record-loading-set");
+    let recording = args.refine && opts.iter().any(|o| o == "--record-loading-set");
     let mut touched = recording.then(|| Touched::new(qemu.0.id(), &plan.memory, plan.size / 4096));
     let st = loop {
         if let Some(st) = qemu.0.try_wait()? {
@@ -631,16 +653,7 @@ fn refine_loading_set(ckpt: &Path, opts: &[OsString], touched: &Touched) -> Resu
         );
         return Ok(());
     }
-    let path = opts
-        .iter()
-        .position(|o| o == "--loading-set")
-        .and_then(|i| opts.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let mut p = ckpt.as_os_str().to_owned();
-            p.push(".ls");
-            PathBuf::from(p)
-        });
+    let path = loading_set_path(ckpt, opts);
     let ck = Checkpoint::open(ckpt)?;
     let (before, after) = pagemap::refine(&path, &ck, touched)
         .with_context(|| format!("refining the loading set {}", path.display()))?;
@@ -648,6 +661,55 @@ fn refine_loading_set(ckpt: &Path, opts: &[OsString], touched: &Touched) -> Resu
         "ckptfs: loading set {}: {after} of the {before} recorded pages kept (those QEMU mapped)",
         path.display()
     );
+    Ok(())
+}
+
+/// The loading-set file the mount uses: `--loading-set FILE`, else `VM.ckpt.ls`.
+fn loading_set_path(ckpt: &Path, opts: &[OsString]) -> PathBuf {
+    opts.iter()
+        .position(|o| o == "--loading-set")
+        .and_then(|i| opts.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let mut p = ckpt.as_os_str().to_owned();
+            p.push(".ls");
+            PathBuf::from(p)
+        })
+}
+
+/// Read again, through the mount, the first `bytes` of the loading set in
+/// its order: the loader pushed them before QEMU < 8.2 mapped `memory`, and
+/// the kernel dropped them then. A read-only open keeps the page cache, so
+/// the pages stay for QEMU's faults.
+fn reread_dropped(ckpt: &Path, opts: &[OsString], memory: &Path, bytes: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let ck = Checkpoint::open(ckpt)?;
+    let Ok(set) = ckptfs::loadset::LoadingSet::open(&loading_set_path(ckpt, opts), &ck) else {
+        return Ok(()); // no usable set: the mount said why
+    };
+    let file =
+        std::fs::File::open(memory).with_context(|| format!("opening {}", memory.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    for r in set.runs() {
+        if done >= bytes {
+            break;
+        }
+        let (mut at, end) = (
+            r.first_page * 4096,
+            (r.first_page + u64::from(r.pages)) * 4096,
+        );
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)
+                .with_context(|| format!("reading {} at {at}", memory.display()))?;
+            at += n as u64;
+            if !r.zero {
+                done += n as u64;
+            }
+        }
+    }
+    log::info!("qemu restore: read {done} bytes of the loading set again after QEMU mapped memory");
     Ok(())
 }
 
