@@ -293,7 +293,11 @@ pub fn evict(files: &[PathBuf]) -> Result<()> {
         f.sync_all()?;
         // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
         let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        ensure!(rc == 0, "evicting {} from the page cache: error {rc}", p.display());
+        ensure!(
+            rc == 0,
+            "evicting {} from the page cache: error {rc}",
+            p.display()
+        );
     }
     Ok(())
 }

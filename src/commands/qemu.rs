@@ -727,3 +727,83 @@ fn connect(qemu: &mut QemuChild, socket: &Path) -> Result<Qmp> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<RestoreArgs>> {
+        let v: Vec<OsString> = args.iter().map(OsString::from).collect();
+        RestoreArgs::parse(&v)
+    }
+
+    #[test]
+    fn restore_args_split_at_exec_and_keep_mount_options() {
+        let r = parse(&[
+            "vm.ckpt",
+            "/mnt/vm",
+            "--json",
+            "--cache-mb",
+            "64",
+            "--qemu=/opt/qemu",
+            "--exec",
+            "--",
+            "qemu-system-x86_64",
+            "-m",
+            "1G",
+            "--json",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.checkpoint, PathBuf::from("vm.ckpt"));
+        assert_eq!(r.mountpoint, PathBuf::from("/mnt/vm"));
+        assert!(r.json);
+        assert_eq!(r.qemu, Some(PathBuf::from("/opt/qemu")));
+        assert_eq!(
+            r.mount_opts,
+            vec![OsString::from("--cache-mb"), "64".into()]
+        );
+        let exec = r.exec.as_ref().unwrap();
+        assert_eq!(exec[0], "qemu-system-x86_64");
+        assert_eq!(
+            exec.last().unwrap(),
+            "--json",
+            "QEMU's arguments are QEMU's"
+        );
+        assert_eq!(r.qemu_binary(), PathBuf::from("qemu-system-x86_64"));
+    }
+
+    #[test]
+    fn restore_args_refuse_what_cannot_work() {
+        assert!(parse(&["--help"]).unwrap().is_none());
+        let e = parse(&["--cache-mb", "64", "vm.ckpt", "/mnt"])
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("VM.ckpt and MOUNTPOINT first"),
+            "{e}"
+        );
+        let e = parse(&["vm.ckpt", "/mnt", "--exec"]).err().unwrap();
+        assert!(
+            e.to_string().contains("--exec needs the QEMU program"),
+            "{e}"
+        );
+        let e = parse(&["vm.ckpt", "/mnt", "--refine-loading-set", "--exec", "qemu"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs --record-loading-set"), "{e}");
+        assert!(
+            parse(&[
+                "vm.ckpt",
+                "/mnt",
+                "--record-loading-set",
+                "--refine-loading-set",
+                "--exec",
+                "qemu"
+            ])
+            .unwrap()
+            .unwrap()
+            .refine
+        );
+    }
+}
