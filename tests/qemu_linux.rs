@@ -537,7 +537,17 @@ fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
         "loading set of {set_pages} pages"
     );
     let m = machine(&guest, dir, &ram, true, &disks, "cli-restore");
-    let with_set = cli_restore(&m, &ckpt, &mnt, &[], &guest, &want, &want_counters);
+    // QEMU 7.2: --wait-loading-set waits once QEMU has mapped `memory` and
+    // reads again what the mapping dropped, before the VM resumes.
+    let with_set = cli_restore(
+        &m,
+        &ckpt,
+        &mnt,
+        &["--wait-loading-set"],
+        &guest,
+        &want,
+        &want_counters,
+    );
     assert_eq!(
         with_set["loading_set"]["state"], "done",
         "the restore did not use the loading set: {with_set}"
