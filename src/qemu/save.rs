@@ -210,29 +210,13 @@ pub fn save(opts: &SaveOptions) -> Result<SaveReport, SaveError> {
     }
     log::info!("qemu save: VM stopped; saving its device state");
     let t = Instant::now();
-    let state = save_device_state(&mut qmp, opts.timeout)?;
-    let state_seconds = t.elapsed().as_secs_f64();
-    let head = stream::parse(&state).map_err(SaveError::Stream)?;
-    if !head.ignores_shared() {
-        return Err(SaveError::RamInStream(state.len() as u64, backend.id));
+    let saved = checkpoint(&mut qmp, opts, &backend);
+    if saved.is_err() && status.running {
+        // A failed save must not leave the user's VM paused.
+        let _ = qmp.cont();
     }
-    if !head
-        .ram_blocks
-        .iter()
-        .any(|b| b.id == backend.id && b.size == backend.size)
-    {
-        return Err(SaveError::NoBlock(backend.id));
-    }
-    let image = MemoryImage::open(&opts.mem_file)?;
-    let create = CreateOptions {
-        disks: opts.disks.clone(),
-        scan_disks: true,
-        vmm_state: Some(state.clone()),
-        progress: opts.progress,
-        ..Default::default()
-    };
-    let summary = crate::create::create_from_image(&image, &create, &opts.output)?;
-    drop(image);
+    let (state, head, summary) = saved?;
+    let state_seconds = t.elapsed().as_secs_f64() - summary.seconds;
     let mut warnings = disk_warnings(&mut qmp, &opts.disks, opts.after, status.running)?;
     let (vm, paused_seconds) = match opts.after {
         After::Quit => {
@@ -263,6 +247,39 @@ pub fn save(opts: &SaveOptions) -> Result<SaveReport, SaveError> {
         warnings,
         checkpoint: summary,
     })
+}
+
+/// The stopped VM's device state, checked, and the checkpoint made with it.
+fn checkpoint(
+    qmp: &mut Qmp,
+    opts: &SaveOptions,
+    backend: &Backend,
+) -> Result<(Vec<u8>, stream::StreamHead, Summary), SaveError> {
+    let state = save_device_state(qmp, opts.timeout)?;
+    let head = stream::parse(&state).map_err(SaveError::Stream)?;
+    if !head.ignores_shared() {
+        return Err(SaveError::RamInStream(
+            state.len() as u64,
+            backend.id.clone(),
+        ));
+    }
+    if !head
+        .ram_blocks
+        .iter()
+        .any(|b| b.id == backend.id && b.size == backend.size)
+    {
+        return Err(SaveError::NoBlock(backend.id.clone()));
+    }
+    let image = MemoryImage::open(&opts.mem_file)?;
+    let create = CreateOptions {
+        disks: opts.disks.clone(),
+        scan_disks: true,
+        vmm_state: Some(state.clone()),
+        progress: opts.progress,
+        ..Default::default()
+    };
+    let summary = crate::create::create_from_image(&image, &create, &opts.output)?;
+    Ok((state, head, summary))
 }
 
 fn connect(socket: &Path) -> Result<Qmp, SaveError> {
