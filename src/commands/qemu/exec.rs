@@ -241,6 +241,9 @@ pub(super) fn exec_restore(
             .with_context(|| format!("cannot run {}", Path::new(&cmd[0]).display()))?,
     );
     let mut qmp = connect(&mut qemu, &socket)?;
+    // Connected: the socket's name is not needed any more, and nothing is
+    // left behind if this process is killed (its signal thread does not unwind).
+    drop(run);
     // QMP answers once the machine is built, so QEMU has mapped `memory`.
     let pushed_before_map = if wait_after_map {
         daemon.stats()?["loading_set"]["pushed_bytes"]
