@@ -43,6 +43,19 @@ fn remove_pending_under(dir: &Path) {
     });
 }
 
+/// Unblock every signal in the calling thread: call it before `exec` (or in a
+/// child before it execs), so a program started from a process that blocked
+/// signals for [`clean_up_on_signals`] does not inherit the blocked mask (a
+/// VMM or daemon that ignored SIGTERM).
+pub fn unblock_signals() {
+    // SAFETY: an empty sigset_t is plain data; SIG_SETMASK only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Block SIGINT, SIGTERM and SIGHUP in this thread and every thread started
 /// after it, and start a thread that takes them: it removes the pending
 /// temporary files and exits with 128 + the signal number, as the shell would.

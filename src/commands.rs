@@ -1,5 +1,7 @@
 //! Subcommands of the `ckptfs` CLI.
 
+mod qemu;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,6 +69,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Checkpoint a running QEMU VM (`qemu save`), or restore one lazily from a
+    /// mounted checkpoint (`qemu restore`).
+    Qemu {
+        #[command(subcommand)]
+        command: qemu::QemuCommand,
+    },
 }
 
 /// Run a parsed command line.
@@ -87,6 +95,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => verify_cmd(&checkpoint, mem.as_deref(), json),
         Command::Mount { args } => mount(&args),
+        Command::Qemu { command } => qemu::run(command),
     }
 }
 
@@ -369,6 +378,8 @@ fn mountd_path() -> PathBuf {
 fn mount(args: &[std::ffi::OsString]) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let daemon = mountd_path();
+    // The daemon handles its own signals: do not hand it our blocked mask.
+    ckptfs::atomic_file::unblock_signals();
     let err = std::process::Command::new(&daemon).args(args).exec();
     bail!(
         "cannot run {}: {err}; build it beside ckptfs with `cargo build --release` or install it with `cargo install --path mountd`",

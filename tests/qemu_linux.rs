@@ -11,6 +11,11 @@
 //! the same answers without reading its disks again. The checkpoint's size is
 //! compared with a floor counted here, independently of ckptfs.
 //!
+//! A second test does the same through the user's commands: `ckptfs qemu
+//! save` checkpoints the running guest over QMP, `ckptfs qemu restore --exec`
+//! runs the saved VM's own command line restored from the mount; a third
+//! checks that a save refuses RAM that is not in a shared file, in one line.
+//!
 //! Run alone (prints the numbers):
 //! `cargo build -p mountd && cargo test --test qemu_linux -- --nocapture`.
 //! Needs what scripts/setup-qemu.sh installs; the test runs it first.
@@ -24,7 +29,7 @@ use std::time::{Duration, Instant};
 use qemu::floor::Census;
 use qemu::guest::{self, ALIGNED_FS, Guest, Kernel, Placed};
 use qemu::mount::Mounted;
-use qemu::vm::{DiskImage, Machine, Qemu};
+use qemu::vm::{DiskImage, Idle, Machine, Qemu};
 use qemu::{ckptfs_json, sh_quote};
 use serde_json::Value;
 
@@ -175,6 +180,8 @@ fn machine<'a>(
         incoming: !share,
         run_dir: dir,
         name,
+        extra_args: Vec::new(),
+        ram_object: None,
     }
 }
 
@@ -448,4 +455,229 @@ fn report(
     println!("  times                    {}", t.join(", "));
     let json = serde_json::json!({ "census": c, "inspect": ins, "create": summary });
     println!("QEMU_LINUX_RESULTS {json}");
+}
+
+/// `ckptfs qemu save` then `ckptfs qemu restore --exec`, as a user runs them,
+/// twice: recording the loading set (refined with QEMU's page tables), then
+/// using it. Each restored guest gives the same answers without reading its
+/// disks, and the mount is gone once QEMU has quit.
+#[test]
+fn qemu_save_and_restore_commands_round_trip_a_linux_guest() {
+    let t0 = Instant::now();
+    guest::install_and_check_tools();
+    let kernel = Kernel::cached();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let guest = Guest::build(dir, &kernel);
+    let ram = dir.join("guest-ram");
+    let disks = guest.raw_disks();
+    // The saved VM's command line; ckptfs gets a QMP socket of its own (a QMP
+    // socket serves one client at a time and the harness holds its own).
+    let ckptfs_qmp = dir.join("ckptfs.qmp");
+    let mut m = machine(&guest, dir, &ram, true, &disks, "cli");
+    m.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", ckptfs_qmp.display()),
+    ];
+    let mut vm = Qemu::start(&m);
+    vm.console.wait_ready(BOOT_TIMEOUT);
+    let want = ask(&mut vm, &guest, true);
+    let want_counters = read_counters(&mut vm);
+    let booted = t0.elapsed();
+
+    let ckpt = dir.join("vm.ckpt");
+    let mut save: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"qemu", &"save", &"--qmp", &ckptfs_qmp, &"--mem-file", &ram];
+    save.push(&"--disk");
+    for d in &disks {
+        save.push(&d.path);
+    }
+    save.extend([&"-o" as &dyn AsRef<_>, &ckpt, &"--quit"]);
+    let report = ckptfs_json(&save);
+    vm.wait_exit();
+    assert_eq!(report["backend"], "pc.ram", "{report}");
+    assert_eq!(report["vm"], "quit", "{report}");
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report}");
+    let state = report["state_bytes"].as_u64().unwrap();
+    assert!(
+        state < 32 << 20,
+        "{state} bytes of device state: RAM went into the stream"
+    );
+    assert!(
+        report["checkpoint"]["disk_pages"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let saved = t0.elapsed() - booted;
+
+    // The same command line again, through ckptfs: once recording the
+    // loading set, once using it.
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = machine(&guest, dir, &ram, true, &disks, "cli-record");
+    let t = Instant::now();
+    let stats = cli_restore(
+        &m,
+        &ckpt,
+        &mnt,
+        &["--record-loading-set", "--refine-loading-set"],
+        &guest,
+        &want,
+        &want_counters,
+    );
+    let log = std::fs::read_to_string(dir.join("cli-record.log")).unwrap();
+    assert!(
+        log.contains("recorded pages kept (those QEMU mapped)"),
+        "the recorded loading set was not refined with QEMU's page tables: {log}"
+    );
+    let ck = ckptfs::Checkpoint::open(&ckpt).unwrap();
+    let set = ckptfs::loadset::LoadingSet::open(&dir.join("vm.ckpt.ls"), &ck).unwrap();
+    let set_pages: u64 = set.runs().iter().map(|r| u64::from(r.pages)).sum();
+    assert!(
+        set_pages > 0 && set_pages < ck.page_count(),
+        "loading set of {set_pages} pages"
+    );
+    let m = machine(&guest, dir, &ram, true, &disks, "cli-restore");
+    // QEMU 7.2: --wait-loading-set waits once QEMU has mapped `memory` and
+    // reads again what the mapping dropped, before the VM resumes.
+    let with_set = cli_restore(
+        &m,
+        &ckpt,
+        &mnt,
+        &["--wait-loading-set"],
+        &guest,
+        &want,
+        &want_counters,
+    );
+    assert_eq!(
+        with_set["loading_set"]["state"], "done",
+        "the restore did not use the loading set: {with_set}"
+    );
+    println!(
+        "qemu_cli: boot {:.1} s, save {:.1} s ({state} bytes of device state, checkpoint {:.1} MiB), two restores + checks {:.1} s; the recording mount served {} bytes",
+        booted.as_secs_f64(),
+        saved.as_secs_f64(),
+        report["checkpoint"]["checkpoint_bytes"].as_f64().unwrap() / 1048576.0,
+        t.elapsed().as_secs_f64(),
+        stats["read_bytes"]
+    );
+    println!("qemu_cli: loading set {set_pages} pages after refinement");
+}
+
+/// `ckptfs qemu restore CKPT MNT OPTS --exec -- qemu-system-x86_64` of the
+/// saved command line `m`: the guest must resume, answer `want` without
+/// reading its disks, and the mount must be gone once QEMU has quit. Returns
+/// the mount's stats.
+fn cli_restore(
+    m: &Machine,
+    ckpt: &Path,
+    mnt: &Path,
+    opts: &[&str],
+    guest: &Guest,
+    want: &Answers,
+    want_counters: &ReadCounters,
+) -> Value {
+    let mut launcher: Vec<std::ffi::OsString> = vec![
+        qemu::ckptfs_bin().into(),
+        "qemu".into(),
+        "restore".into(),
+        ckpt.into(),
+        mnt.into(),
+    ];
+    launcher.extend(opts.iter().map(Into::into));
+    launcher.extend(["--exec".into(), "--".into(), "qemu-system-x86_64".into()]);
+    let mut vm = Qemu::start_via(m, &launcher);
+    let t = Instant::now();
+    while !vm.qmp.query_status().unwrap().running {
+        assert!(
+            t.elapsed() < MIGRATION_TIMEOUT,
+            "ckptfs qemu restore did not resume the VM: {}",
+            vm.console.context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = ask(&mut vm, guest, false);
+    assert_eq!(
+        got, *want,
+        "the guest restored by ckptfs qemu restore {opts:?} answers differently"
+    );
+    assert_eq!(
+        read_counters(&mut vm),
+        *want_counters,
+        "the guest restored by ckptfs qemu restore {opts:?} read its disks"
+    );
+    let stats: Value = serde_json::from_slice(&std::fs::read(mnt.join("stats")).unwrap()).unwrap();
+    assert!(
+        stats["reads"].as_u64().unwrap() > 0,
+        "QEMU did not read the mount: {stats}"
+    );
+    vm.quit();
+    assert!(
+        !mnt.join("memory").exists(),
+        "ckptfs qemu restore left {} mounted after QEMU quit",
+        mnt.display()
+    );
+    stats
+}
+
+/// `ckptfs qemu save` refuses, in one line naming the backend and the fix,
+/// RAM that is not a shared file; and names a socket nobody listens on.
+#[test]
+fn qemu_save_refuses_ram_that_is_not_a_shared_file_in_one_line() {
+    guest::install_and_check_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ram = dir.join("ram");
+    std::fs::File::create(&ram)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let backend = |share: &str| {
+        vec![
+            "-m".to_string(),
+            "64M".into(),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=pc.ram,size=64M,mem-path={},share={share}",
+                ram.display()
+            ),
+            "-machine".into(),
+            "pc,memory-backend=pc.ram".into(),
+        ]
+    };
+    let cases: [(&str, Vec<String>, &[&str]); 3] = [
+        (
+            "private",
+            backend("off"),
+            &["pc.ram", "share=off", "add share=on"],
+        ),
+        (
+            "anonymous",
+            vec!["-m".into(), "64M".into()],
+            &["not file-backed", "memory-backend-file", "share=on"],
+        ),
+        ("none", Vec::new(), &["no QEMU QMP socket at", "none.qmp"]),
+    ];
+    for (name, args, want) in cases {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let _qemu = (!args.is_empty()).then(|| Idle::start(&args, &qmp));
+        let out = std::process::Command::new(qemu::ckptfs_bin())
+            .args(["qemu", "save", "--qmp"])
+            .arg(&qmp)
+            .arg("--mem-file")
+            .arg(&ram)
+            .arg("-o")
+            .arg(dir.join("vm.ckpt"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: the save succeeded");
+        assert_eq!(err.lines().count(), 1, "{name}: not one line: {err}");
+        for w in want {
+            assert!(err.contains(w), "{name}: {err:?} does not say {w:?}");
+        }
+        assert!(
+            !dir.join("vm.ckpt").exists(),
+            "{name}: a checkpoint was written"
+        );
+    }
 }

@@ -5,6 +5,7 @@ mod demo;
 mod fuzz;
 mod matrix;
 mod plot;
+mod qemu;
 mod report;
 mod restore;
 mod tier;
@@ -91,6 +92,28 @@ enum Command {
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Restore a real Linux guest (1 GiB, QEMU TCG) four ways: eager, lazy raw,
+    /// ckptfs with and without a loading set (see bench/src/qemu.rs).
+    Qemu {
+        /// One repetition (a few minutes) instead of 5.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions per method and tier [default: 5; 1 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Storage tiers: "local" and/or read limits in MB/s (blkio cgroup), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "local,200")]
+        storage_mbps: Vec<String>,
+        /// Methods, comma separated (default: eager,lazy-raw,ckptfs,ckptfs-ls,ckptfs-ls-demand,warm).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where qemu.md, qemu.jsonl and qemu.png go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
     },
     /// The demo: a VM checkpointed, mounted and restored, with its numbers printed.
     Demo {
@@ -237,6 +260,30 @@ fn run(cli: Cli) -> Result<()> {
                 summary.wrong_bytes,
                 summary.failures
             );
+        }
+        Command::Qemu {
+            quick,
+            reps,
+            storage_mbps,
+            methods,
+            dir,
+            out,
+        } => {
+            let methods = if methods.is_empty() {
+                qemu::Method::ALL.to_vec()
+            } else {
+                methods
+                    .iter()
+                    .map(|m| qemu::Method::parse(m))
+                    .collect::<Result<_>>()?
+            };
+            let cfg = qemu::Config {
+                reps: reps.unwrap_or(if quick { 1 } else { 5 }),
+                tiers: parse_tiers(&storage_mbps)?,
+                methods,
+            };
+            let (_keep, dir) = work_dir(dir)?;
+            qemu::run(&cfg, &dir, &out)?;
         }
         Command::Demo {
             guest_mib,

@@ -1,12 +1,11 @@
 //! Support for `tests/qemu_linux.rs`: a Debian kernel and busybox guest under
-//! QEMU TCG, its disks, a QMP client, the `ckptfs` CLI, and an independent
-//! count of the checkpoint-size floor.
+//! QEMU TCG, its disks, the `ckptfs` CLI, and an independent count of the
+//! checkpoint-size floor. The QMP client is the library's (`ckptfs::qemu::qmp`).
 
 pub mod floor;
 pub mod guest;
 pub mod initramfs;
 pub mod mount;
-pub mod qmp;
 pub mod vm;
 
 use std::ffi::OsStr;

@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::qmp::Qmp;
+use ckptfs::qemu::qmp::Qmp;
 
 /// Printed by the guest's init when its command loop is ready.
 pub const READY: &str = "@@READY";
@@ -45,10 +45,21 @@ pub struct Machine<'a> {
     pub run_dir: &'a Path,
     /// A name for this QEMU's socket and log files.
     pub name: &'a str,
+    /// More QEMU arguments (e.g. a second -qmp socket, -S).
+    pub extra_args: Vec<String>,
+    /// Another RAM backend instead of the memory-backend-file on `mem_path`
+    /// (e.g. `memory-backend-ram,id=pc.ram,size=1024M`).
+    pub ram_object: Option<String>,
 }
 
 impl Machine<'_> {
-    fn args(&self, qmp: &Path) -> Vec<String> {
+    /// This machine's QMP socket (the harness's own).
+    pub fn qmp_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.qmp", self.name))
+    }
+
+    /// The QEMU command line, without the program.
+    pub fn args(&self, qmp: &Path) -> Vec<String> {
         let share = if self.share { "on" } else { "off" };
         let mut a: Vec<String> = vec![
             "-accel".into(),
@@ -62,11 +73,13 @@ impl Machine<'_> {
             "-m".into(),
             format!("{}M", self.mem_mib),
             "-object".into(),
-            format!(
-                "memory-backend-file,id=pc.ram,size={}M,mem-path={},share={share}",
-                self.mem_mib,
-                self.mem_path.display()
-            ),
+            self.ram_object.clone().unwrap_or_else(|| {
+                format!(
+                    "memory-backend-file,id=pc.ram,size={}M,mem-path={},share={share}",
+                    self.mem_mib,
+                    self.mem_path.display()
+                )
+            }),
             "-machine".into(),
             "pc,memory-backend=pc.ram".into(),
             "-kernel".into(),
@@ -92,6 +105,7 @@ impl Machine<'_> {
         if self.incoming {
             a.extend(["-incoming".into(), "defer".into()]);
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
@@ -144,9 +158,18 @@ pub struct Qemu {
 impl Qemu {
     /// Start `m` and connect to its QMP socket.
     pub fn start(m: &Machine) -> Qemu {
-        let qmp_path = m.run_dir.join(format!("{}.qmp", m.name));
+        Qemu::start_via(m, &["qemu-system-x86_64".into()])
+    }
+
+    /// Start `m` through `launcher` (a program and its arguments, the last
+    /// being the QEMU to run, e.g. `ckptfs qemu restore ... --exec --
+    /// qemu-system-x86_64`), which gets the console's stdio; killing it on
+    /// drop must stop QEMU.
+    pub fn start_via(m: &Machine, launcher: &[std::ffi::OsString]) -> Qemu {
+        let qmp_path = m.qmp_path();
         let log = m.run_dir.join(format!("{}.log", m.name));
-        let child = Command::new("qemu-system-x86_64")
+        let child = Command::new(&launcher[0])
+            .args(&launcher[1..])
             .args(m.args(&qmp_path))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -171,6 +194,12 @@ impl Qemu {
     /// `quit` over QMP, then wait (up to 20 s) for the process to exit 0.
     pub fn quit(mut self) {
         self.qmp.quit();
+        self.wait_exit();
+    }
+
+    /// Wait (up to 20 s) for the process to exit 0 (QEMU told to quit by
+    /// someone else, or a launcher that exits after QEMU).
+    pub fn wait_exit(mut self) {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(status)) = self.process.child.try_wait() {
@@ -184,6 +213,41 @@ impl Qemu {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("QEMU did not exit after quit: {}", self.process.log_text());
+    }
+}
+
+/// A QEMU that never starts its guest (`-S`), for refusals; killed on drop.
+pub struct Idle(Child);
+
+impl Idle {
+    /// `qemu-system-x86_64 -S ARGS -qmp unix:QMP,...`, once its socket is up.
+    pub fn start(args: &[String], qmp: &Path) -> Idle {
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
+            .args(args)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("running qemu-system-x86_64");
+        let mut idle = Idle(child);
+        let t0 = Instant::now();
+        while !qmp.exists() {
+            if let Ok(Some(st)) = idle.0.try_wait() {
+                panic!("QEMU {args:?} exited with {st}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "no QMP socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        idle
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
