@@ -55,6 +55,7 @@ pub mod format;
 pub mod input;
 pub mod loadset;
 pub mod memory;
+pub mod remote;
 pub mod scan;
 pub mod source;
 pub mod synth;
