@@ -31,7 +31,7 @@ use super::store::REQUEST_TIMEOUT;
 use crate::types::PAGE_SIZE_U64;
 
 /// How long a block that could not be fetched fails at once.
-pub const FAIL_MEMO: Duration = Duration::from_secs(2);
+pub const FAIL_MEMO: Duration = Duration::from_secs(1);
 /// First pause between attempts; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);

@@ -35,9 +35,12 @@ pub mod store;
 pub mod url;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 pub use pull::{PullOptions, PullSummary, pull};
 pub use push::{PushOptions, PushSummary, push};
-pub use reader::{RemoteCheckpoint, RemoteOptions};
+pub use reader::{DEFAULT_RETRY, RemoteCheckpoint, RemoteOptions};
 pub use store::Store;
 pub use url::{S3Url, is_remote};
 
