@@ -107,6 +107,10 @@ pub struct Cli {
     /// [default: /var/cache/ckptfs/remote].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// s3:// only: seconds a read keeps retrying a failing store before it
+    /// fails with EIO [default: 8].
+    #[arg(long)]
+    pub retry_secs: Option<f64>,
 }
 
 /// Default prefetch chunk size. Measured on a 2 GiB guest, cold
@@ -166,6 +170,8 @@ pub struct Settings {
     pub cache_dir: Option<PathBuf>,
     /// No loading set at all (s3://: not the manifest's either).
     pub no_loading_set: bool,
+    /// s3:// only: how long a read retries a failing store.
+    pub retry: Duration,
 }
 
 /// A bad option value or an unknown option.
@@ -371,8 +377,20 @@ impl Cli {
                 "needs loading_set=FILE for an s3:// source (or record from the local checkpoint and push it)",
             ));
         }
-        if !remote && (!self.disk.is_empty() || self.cache_dir.is_some()) {
-            return Err(bad("disk/cache_dir", "only apply to an s3:// source"));
+        if !remote
+            && (!self.disk.is_empty() || self.cache_dir.is_some() || self.retry_secs.is_some())
+        {
+            return Err(bad(
+                "disk/cache_dir/retry_secs",
+                "only apply to an s3:// source",
+            ));
+        }
+        let retry = self.retry_secs.unwrap_or(8.0);
+        if !(0.0..=600.0).contains(&retry) {
+            return Err(bad(
+                &format!("retry_secs={retry}"),
+                "must be 0 to 600 seconds",
+            ));
         }
         // An s3:// source's loading set is in its manifest (see `remote`).
         let loading_set = (!no_set && (!remote || record)).then(|| {
@@ -416,6 +434,7 @@ impl Cli {
             disks: self.disk.clone(),
             cache_dir: self.cache_dir.clone(),
             no_loading_set: no_set,
+            retry: Duration::from_secs_f64(retry),
         })
     }
 }

@@ -41,6 +41,7 @@ pub fn open(
     let mut opts = RemoteOptions {
         disk_override: (!s.disks.is_empty()).then(|| s.disks.clone()),
         cache_bytes: s.cache_bytes,
+        retry_for: s.retry,
         ..RemoteOptions::default()
     };
     if let Some(d) = &s.cache_dir {

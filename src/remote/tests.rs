@@ -79,7 +79,8 @@ impl ObjectStore for Faulty {
         if left == 0 {
             return Err(Self::err());
         }
-        self.puts_left.store(left.saturating_sub(1), Ordering::SeqCst);
+        self.puts_left
+            .store(left.saturating_sub(1), Ordering::SeqCst);
         self.inner.put_opts(p, b, o).await
     }
     async fn put_multipart_opts(
@@ -164,7 +165,12 @@ fn open(s: &Arc<Faulty>, prefix: &str, cache: &Path, retry: Duration) -> RemoteC
 
 fn blob_page(rc: &RemoteCheckpoint) -> u64 {
     (0..rc.page_count())
-        .find(|&p| matches!(rc.entry(PageIndex(p)).unwrap().source, crate::PageSource::Blob(_)))
+        .find(|&p| {
+            matches!(
+                rc.entry(PageIndex(p)).unwrap().source,
+                crate::PageSource::Blob(_)
+            )
+        })
         .unwrap()
 }
 
@@ -178,7 +184,10 @@ fn pushed_checkpoint_reads_back_every_page_and_pulls_byte_for_byte() {
     let mut got = vec![0u8; fx.mem.len()];
     rc.read_pages(PageIndex(0), &mut got).unwrap();
     assert!(got == fx.mem, "rebuilt memory differs");
-    assert_eq!(rc.identity(), crate::Checkpoint::open(&fx.ckpt).unwrap().identity());
+    assert_eq!(
+        rc.identity(),
+        crate::Checkpoint::open(&fx.ckpt).unwrap().identity()
+    );
     let out = fx.dir.path().join("pulled.ckpt");
     pull(&store_at(&s, "vm"), &out, &PullOptions::default()).unwrap();
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&fx.ckpt).unwrap());
@@ -196,8 +205,14 @@ fn a_read_fetches_blocks_not_pages_and_a_second_open_starts_warm() {
     let mut page = vec![0u8; PAGE_SIZE];
     rc.read_pages(PageIndex(p), &mut page).unwrap();
     let fetched = s.get_bytes.load(Ordering::SeqCst) - before;
-    assert!(fetched > PAGE_SIZE as u64, "one page fetched alone ({fetched} bytes)");
-    assert!(fetched <= cache::BLOCK_PAGES as u64 * 4096, "{fetched} bytes for one page");
+    assert!(
+        fetched > PAGE_SIZE as u64,
+        "one page fetched alone ({fetched} bytes)"
+    );
+    assert!(
+        fetched <= cache::BLOCK_PAGES as u64 * 4096,
+        "{fetched} bytes for one page"
+    );
     let mut all = vec![0u8; fx.mem.len()];
     rc.read_pages(PageIndex(0), &mut all).unwrap();
     drop(rc);
@@ -205,7 +220,11 @@ fn a_read_fetches_blocks_not_pages_and_a_second_open_starts_warm() {
     let rc = open(&s, "vm", &cache, DEFAULT_RETRY);
     rc.read_pages(PageIndex(0), &mut all).unwrap();
     assert!(all == fx.mem);
-    assert_eq!(s.gets.load(Ordering::SeqCst), gets, "the second open fetched");
+    assert_eq!(
+        s.gets.load(Ordering::SeqCst),
+        gets,
+        "the second open fetched"
+    );
 }
 
 #[test]
@@ -213,17 +232,28 @@ fn a_failing_store_fails_exactly_the_pages_it_holds_then_recovers() {
     let fx = fixture(2048, 7);
     let s = Faulty::new();
     push(&fx.ckpt, &store_at(&s, "vm"), &PushOptions::default()).unwrap();
-    let rc = open(&s, "vm", &fx.dir.path().join("cache"), Duration::from_millis(300));
+    let rc = open(
+        &s,
+        "vm",
+        &fx.dir.path().join("cache"),
+        Duration::from_millis(300),
+    );
     s.set(Fault::Fail);
     let p = blob_page(&rc);
     let mut page = vec![0u8; PAGE_SIZE];
     let err = rc.read_pages(PageIndex(p), &mut page).unwrap_err();
     let text = crate::checkpoint::error_chain(&err);
     assert!(matches!(err, ReadError::Remote { .. }), "{text}");
-    assert!(text.contains("s3://test/ckptfs-packs/") && text.contains("connection refused"), "{text}");
+    assert!(
+        text.contains("s3://test/ckptfs-packs/") && text.contains("connection refused"),
+        "{text}"
+    );
     // Pages that are not stored still read: zero and disk pages need no store.
     for q in (0..rc.page_count()).filter(|&q| {
-        !matches!(rc.entry(PageIndex(q)).unwrap().source, crate::PageSource::Blob(_))
+        !matches!(
+            rc.entry(PageIndex(q)).unwrap().source,
+            crate::PageSource::Blob(_)
+        )
     }) {
         rc.read_pages(PageIndex(q), &mut page).unwrap();
         assert!(page[..] == fx.mem[q as usize * PAGE_SIZE..][..PAGE_SIZE]);
@@ -239,12 +269,20 @@ fn truncated_bodies_are_refused_never_served() {
     let fx = fixture(1024, 8);
     let s = Faulty::new();
     push(&fx.ckpt, &store_at(&s, "vm"), &PushOptions::default()).unwrap();
-    let rc = open(&s, "vm", &fx.dir.path().join("cache"), Duration::from_millis(300));
+    let rc = open(
+        &s,
+        "vm",
+        &fx.dir.path().join("cache"),
+        Duration::from_millis(300),
+    );
     s.set(Fault::Truncate);
     let p = blob_page(&rc);
     let mut page = vec![0u8; PAGE_SIZE];
     let err = rc.read_pages(PageIndex(p), &mut page).unwrap_err();
-    assert!(crate::checkpoint::error_chain(&err).contains("truncated body"), "{err}");
+    assert!(
+        crate::checkpoint::error_chain(&err).contains("truncated body"),
+        "{err}"
+    );
     s.set(Fault::None);
     std::thread::sleep(fetch::FAIL_MEMO);
     rc.read_pages(PageIndex(p), &mut page).unwrap();
@@ -299,7 +337,10 @@ fn the_loading_set_is_pushed_first_and_contiguous() {
     crate::loadset::write(&ls, &ck, &runs, 1000, 0o600).unwrap();
     let s = Faulty::new();
     let sum = push(&fx.ckpt, &store_at(&s, "vm"), &PushOptions::default()).unwrap();
-    assert!(sum.loading_set_pages == Some(590) && sum.loading_set_packs >= 1, "{sum:?}");
+    assert!(
+        sum.loading_set_pages == Some(590) && sum.loading_set_packs >= 1,
+        "{sum:?}"
+    );
     let rc = open(&s, "vm", &fx.dir.path().join("cache"), DEFAULT_RETRY);
     let m = rc.manifest();
     for p in (3000..3400u64).chain(10..200) {
