@@ -126,9 +126,7 @@ impl DiskCache {
 
     /// The block's bytes, if held (and readable).
     pub fn get(&self, key: &BlockKey) -> Option<Vec<u8>> {
-        if self.lock().lru.get(key).is_none() {
-            return None;
-        }
+        self.lock().lru.get(key)?;
         match fs::read(self.dir.join(key.file_name())) {
             Ok(b) => Some(b),
             Err(_) => {
