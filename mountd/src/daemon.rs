@@ -292,6 +292,9 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         .filter(|_| s.notify_store && !s.record && !s.no_loading_set)
         .filter(|rc| crate::remote::begin_loading_set(&shared, rc))
         .cloned();
+    if let Some(rc) = &remote {
+        crate::remote::start_background(&shared, rc, remote_set.is_some());
+    }
     let set = match (&s.loading_set, s.record, s.notify_store) {
         (Some(path), false, true) => loader::open(&shared, path),
         (Some(path), false, false) if path.exists() => {

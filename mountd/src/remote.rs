@@ -114,6 +114,9 @@ fn load(shared: &Shared, rc: &RemoteCheckpoint, memory: &Path) {
             drop(held);
             r
         });
+    if shared.config.policy.background() {
+        rc.prefetch_rest();
+    }
     match result {
         Ok(()) => st.set_state(LoadState::Done),
         Err(why) => {
@@ -157,6 +160,14 @@ fn push_runs(shared: &Shared, rc: &RemoteCheckpoint) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// With `--prefetch all` and no loading set to push first, start fetching
+/// every pack in the background at once.
+pub fn start_background(shared: &Shared, rc: &RemoteCheckpoint, loading: bool) {
+    if !loading && shared.config.policy.background() {
+        rc.prefetch_rest();
+    }
 }
 
 /// Log what the remote source fetched (at unmount).

@@ -200,6 +200,15 @@ impl RemoteCheckpoint {
         fetch::prefetch_packs(&self.fetch, self.store.handle(), 0..n, Class::LoadingSet);
     }
 
+    /// Start fetching every pack after the loading set's, whole, in the
+    /// background class (two at a time, never ahead of a demand read), into
+    /// the on-disk cache: "the rest in the background".
+    pub fn prefetch_rest(&self) {
+        let m = &self.checked.manifest;
+        let range = m.loadset_packs..m.packs.len() as u32;
+        fetch::prefetch_packs(&self.fetch, self.store.handle(), range, Class::Background);
+    }
+
     /// Start fetching every pack (for `verify` and `pull`-like full reads).
     pub fn prefetch_all(&self, class: Class) {
         let n = self.checked.manifest.packs.len() as u32;
