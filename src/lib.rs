@@ -56,6 +56,7 @@ pub mod input;
 pub mod loadset;
 pub mod memory;
 pub mod qemu;
+pub mod remote;
 pub mod scan;
 pub mod source;
 pub mod synth;

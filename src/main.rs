@@ -1,6 +1,7 @@
 //! The `ckptfs` command: create, inspect, verify and mount checkpoints.
 
 mod commands;
+mod remote_cmds;
 
 use std::process::ExitCode;
 

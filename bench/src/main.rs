@@ -6,6 +6,7 @@ mod fuzz;
 mod matrix;
 mod plot;
 mod qemu;
+mod remote;
 mod report;
 mod restore;
 mod tier;
@@ -112,6 +113,34 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Where qemu.md, qemu.jsonl and qemu.png go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// TTR of a restore from an S3 store (SeaweedFS on loopback, latency
+    /// injected by a proxy) vs a local checkpoint vs download-then-restore.
+    Remote {
+        /// 256 MiB desktop guest, latencies 0,5,20 ms, 2 repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Workload.
+        #[arg(long, default_value = "desktop")]
+        workload: String,
+        /// Guest MiB [default: 512; 256 with --quick].
+        #[arg(long)]
+        guest_mib: Option<u64>,
+        /// Per-request latencies in ms, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,5,20")]
+        latency_ms: Vec<u64>,
+        /// Repetitions [default: 3; 2 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds each restored VM serves requests.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where remote.md and remote.jsonl go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -284,6 +313,26 @@ fn run(cli: Cli) -> Result<()> {
             };
             let (_keep, dir) = work_dir(dir)?;
             qemu::run(&cfg, &dir, &out)?;
+        }
+        Command::Remote {
+            quick,
+            workload,
+            guest_mib,
+            latency_ms,
+            reps,
+            duration,
+            dir,
+            out,
+        } => {
+            let (_keep, dir) = work_dir(dir)?;
+            let r = remote::Remote {
+                workload,
+                mib: guest_mib.unwrap_or(if quick { 256 } else { 512 }),
+                latencies: latency_ms,
+                reps: reps.unwrap_or(if quick { 2 } else { 3 }),
+                duration,
+            };
+            remote::run(&r, &dir, &out)?;
         }
         Command::Demo {
             guest_mib,

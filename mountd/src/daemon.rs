@@ -263,9 +263,20 @@ fn save_loading_set(s: &Settings, shared: &Shared) {
     }
 }
 
-/// Open the checkpoint, mount, serve until unmounted. `ready` is set when detached.
-pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
-    check_mount_point(&s.mountpoint)?;
+/// The page source, the owner of the mount's files and the VMM state: a
+/// checkpoint file, or (s3://) a pushed checkpoint, also returned as such.
+type Source = (
+    Arc<dyn PageReader>,
+    Ownership,
+    Vec<u8>,
+    Option<Arc<ckptfs::remote::RemoteCheckpoint>>,
+);
+
+fn open_source(s: &Settings) -> anyhow::Result<Source> {
+    if let Some(url) = s.remote_url() {
+        let (rc, owner, state) = crate::remote::open(s, url)?;
+        return Ok((rc.clone(), owner, state, Some(rc)));
+    }
     // The library's errors name the checkpoint or disk image themselves.
     let reader = mount_reader(s)?;
     let opts = ckptfs::OpenOptions {
@@ -278,7 +289,13 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     let mut owner = Ownership::of(&fs::metadata(&s.checkpoint)?);
     owner.mode &= ckpt.sources_mode() as u16;
     let vmm_state = ckpt.vmm_state().to_vec();
-    let source: Arc<dyn PageReader> = Arc::new(ckpt);
+    Ok((Arc::new(ckpt), owner, vmm_state, None))
+}
+
+/// Open the checkpoint, mount, serve until unmounted. `ready` is set when detached.
+pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
+    check_mount_point(&s.mountpoint)?;
+    let (source, owner, vmm_state, remote) = open_source(s)?;
     let recorder = s
         .record
         .then(|| Recorder::new(source.page_count(), s.window));
@@ -294,6 +311,14 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         checkpoint_name: s.checkpoint.display().to_string(),
     };
     let shared = Arc::new(Shared::new(source, config, recorder));
+    let remote_set = remote
+        .as_ref()
+        .filter(|_| s.notify_store && !s.record && !s.no_loading_set)
+        .filter(|rc| crate::remote::begin_loading_set(&shared, rc))
+        .cloned();
+    if let Some(rc) = &remote {
+        crate::remote::start_background(&shared, rc, remote_set.is_some());
+    }
     let set = match (&s.loading_set, s.record, s.notify_store) {
         (Some(path), false, true) => loader::open(&shared, path),
         (Some(path), false, false) if path.exists() => {
@@ -348,15 +373,26 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         }
     );
     // Readiness: at once, or (--wait-loading-set) once the loading set is in.
-    let (now, later) = match (ready, s.wait_loading_set && set.is_some()) {
+    let has_set = set.is_some() || remote_set.is_some();
+    let (now, later) = match (ready, s.wait_loading_set && has_set) {
         (Some(r), true) => (None, Some(r)),
         (r, _) => (r, None),
     };
     if let Some(r) = now {
         r.signal();
     }
-    let loader = match set {
-        Some(set) => Some(loader::start(
+    let loader = match (set, remote_set) {
+        (None, Some(rc)) => Some(crate::remote::start_loader(
+            shared.clone(),
+            rc,
+            canonical.join("memory"),
+            Box::new(move || {
+                if let Some(r) = later {
+                    r.signal();
+                }
+            }),
+        )?),
+        (Some(set), _) => Some(loader::start(
             shared.clone(),
             set,
             canonical.join("memory"),
@@ -367,7 +403,7 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
                 }
             }),
         )?),
-        None => None,
+        (None, None) => None,
     };
     let res = session.run();
     sched.shut_down();
@@ -376,6 +412,9 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
         let _ = l.join();
     }
     save_loading_set(s, &shared);
+    if let Some(rc) = &remote {
+        crate::remote::log_stats(rc);
+    }
     info!("mountd: unmounted {}", s.mountpoint.display());
     res.context("FUSE session failed")
 }

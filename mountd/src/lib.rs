@@ -28,6 +28,7 @@ pub mod loader;
 pub mod options;
 pub mod readpath;
 pub mod record;
+pub mod remote;
 pub mod scheduler;
 pub mod shared;
 pub mod stats;

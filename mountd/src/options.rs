@@ -50,7 +50,7 @@ impl Policy {
 #[derive(Debug, Parser)]
 #[command(name = "ckptfs-mountd", version)]
 pub struct Cli {
-    /// The checkpoint file.
+    /// The checkpoint file, or s3://BUCKET/PREFIX for one pushed with `ckptfs push`.
     pub checkpoint: PathBuf,
     /// Where to mount it (an existing directory).
     pub mountpoint: PathBuf,
@@ -108,6 +108,18 @@ pub struct Cli {
     /// Mount options, comma separated (may repeat).
     #[arg(short = 'o', value_name = "OPTS")]
     pub opts: Vec<String>,
+    /// s3:// only: a disk image to use instead of a recorded path, in
+    /// disk-table order (repeatable).
+    #[arg(long)]
+    pub disk: Vec<PathBuf>,
+    /// s3:// only: the on-disk block cache, bounded by --cache-mb
+    /// [default: /var/cache/ckptfs/remote].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// s3:// only: seconds a read keeps retrying a failing store before it
+    /// fails with EIO [default: 8].
+    #[arg(long)]
+    pub retry_secs: Option<f64>,
 }
 
 /// Default prefetch chunk size. Measured on a 2 GiB guest, cold
@@ -172,6 +184,14 @@ pub struct Settings {
     pub mount_options: Vec<MountOption>,
     /// Who may access the mount.
     pub acl: SessionACL,
+    /// s3:// only: disk images replacing the recorded paths.
+    pub disks: Vec<PathBuf>,
+    /// s3:// only: the block cache folder.
+    pub cache_dir: Option<PathBuf>,
+    /// No loading set at all (s3://: not the manifest's either).
+    pub no_loading_set: bool,
+    /// s3:// only: how long a read retries a failing store.
+    pub retry: Duration,
 }
 
 /// A bad option value or an unknown option.
@@ -297,12 +317,26 @@ impl Settings {
     /// Make every path absolute, so a daemon that left the caller's working
     /// directory (it moves to `/`) still finds its files.
     pub fn make_absolute(&mut self) -> std::io::Result<()> {
-        self.checkpoint = std::path::absolute(&self.checkpoint)?;
+        if self.remote_url().is_none() {
+            self.checkpoint = std::path::absolute(&self.checkpoint)?;
+        }
+        for d in self.disks.iter_mut().chain(self.cache_dir.as_mut()) {
+            *d = std::path::absolute(&*d)?;
+        }
         self.mountpoint = std::path::absolute(&self.mountpoint)?;
         if let Some(p) = &mut self.loading_set {
             *p = std::path::absolute(&*p)?;
         }
         Ok(())
+    }
+}
+
+impl Settings {
+    /// The s3:// location served, when the source is an object store.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.checkpoint
+            .to_str()
+            .filter(|s| ckptfs::remote::is_remote(s))
     }
 }
 
@@ -360,7 +394,33 @@ impl Cli {
         if record && no_set {
             return Err(bad("record_loading_set", "conflicts with no_loading_set"));
         }
-        let loading_set = (!no_set).then(|| {
+        let remote = self
+            .checkpoint
+            .to_str()
+            .is_some_and(ckptfs::remote::is_remote);
+        if remote && record && self.loading_set.is_none() && o.loading_set.is_none() {
+            return Err(bad(
+                "record_loading_set",
+                "needs loading_set=FILE for an s3:// source (or record from the local checkpoint and push it)",
+            ));
+        }
+        if !remote
+            && (!self.disk.is_empty() || self.cache_dir.is_some() || self.retry_secs.is_some())
+        {
+            return Err(bad(
+                "disk/cache_dir/retry_secs",
+                "only apply to an s3:// source",
+            ));
+        }
+        let retry = self.retry_secs.unwrap_or(8.0);
+        if !(0.0..=600.0).contains(&retry) {
+            return Err(bad(
+                &format!("retry_secs={retry}"),
+                "must be 0 to 600 seconds",
+            ));
+        }
+        // An s3:// source's loading set is in its manifest (see `remote`).
+        let loading_set = (!no_set && (!remote || record)).then(|| {
             self.loading_set
                 .clone()
                 .or(o.loading_set)
@@ -418,6 +478,10 @@ impl Cli {
             readahead_kb: readahead,
             mount_options,
             acl: o.acl,
+            disks: self.disk.clone(),
+            cache_dir: self.cache_dir.clone(),
+            no_loading_set: no_set,
+            retry: Duration::from_secs_f64(retry),
         })
     }
 }

@@ -198,6 +198,17 @@ pub enum ReadError {
         #[source]
         source: io::Error,
     },
+    /// Fetching a stored page from an object store failed (after retries).
+    #[error("fetching {page} from object {object}")]
+    Remote {
+        /// The page.
+        page: PageIndex,
+        /// The object (`s3://bucket/key`).
+        object: String,
+        /// Why (timeouts, refused connections, truncated bodies, ...).
+        #[source]
+        source: io::Error,
+    },
     /// Reading a disk image failed (or it was missing at open).
     #[error("reading {page} from disk image {disk}")]
     DiskRead {
