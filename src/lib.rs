@@ -51,10 +51,12 @@ pub mod atomic_file;
 pub mod checkpoint;
 pub mod create;
 pub mod disk;
+pub mod flatten;
 pub mod format;
 pub mod input;
 pub mod loadset;
 pub mod memory;
+pub mod pageset;
 pub mod scan;
 pub mod source;
 pub mod synth;
@@ -66,6 +68,7 @@ pub use checkpoint::{
 };
 pub use create::{CreateError, CreateOptions, DiskHint, Summary, create};
 pub use memory::MemoryImage;
+pub use pageset::PageSet;
 pub use source::{MemReader, PageReader};
 pub use types::{
     AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex, ParentIndex, SECTOR_SIZE,

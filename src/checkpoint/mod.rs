@@ -230,6 +230,8 @@ pub struct Ancestor {
     path: PathBuf,
     map: Mmap,
     header: Header,
+    mode: u32,
+    parent_records: Vec<ParentRecord>,
 }
 
 impl Ancestor {
@@ -241,6 +243,36 @@ impl Ancestor {
     /// Its validated header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Its identity ([`Checkpoint::identity`]).
+    pub fn identity(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&self.map[..HEADER_LEN])
+    }
+
+    /// Its file size in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Permission bits of the file.
+    pub fn file_mode(&self) -> u32 {
+        self.mode
+    }
+
+    /// Its own parent table.
+    pub fn parent_records(&self) -> &[ParentRecord] {
+        &self.parent_records
+    }
+
+    /// Its page-table entry of `page` as stored (None beyond its guest memory or
+    /// for an entry that does not decode).
+    pub fn stored_entry(&self, page: PageIndex) -> Option<(Location, u32)> {
+        if page.0 >= self.header.page_count {
+            return None;
+        }
+        let at = self.header.table_offset as usize + page.0 as usize * ENTRY_LEN;
+        format::decode_entry(&self.map[at..at + ENTRY_LEN], page.0).ok()
     }
 
     fn blob(&self, b: BlobIndex) -> &[u8] {
@@ -385,6 +417,12 @@ impl Checkpoint {
     /// Ancestor files that resolved PARENT entries read blobs from.
     pub fn ancestors(&self) -> &[Ancestor] {
         &self.ancestors
+    }
+
+    /// The record of disk `d` (see [`PageSource::Disk`]): this checkpoint's
+    /// disk table first, then disks only its ancestors reference.
+    pub fn disk_record(&self, d: DiskIndex) -> Option<&DiskRecord> {
+        self.disks.get(usize::from(d.0)).map(|s| &s.record)
     }
 
     /// Disks and parents an [`OpenOptions::allow_missing`] open could not use.

@@ -273,6 +273,8 @@ impl Checkpoint {
                 path: ck.path,
                 map: ck.map,
                 header: ck.header,
+                mode: ck.mode,
+                parent_records: ck.parent_records,
             });
             self.ancestors.extend(ancestors);
         }
