@@ -315,3 +315,32 @@ fn the_output_may_not_replace_an_ancestor_of_the_parent() {
     assert!(matches!(e, CreateError::OutputIsInput(_)), "{e}");
     assert!(Checkpoint::open(&c.links[2]).is_ok());
 }
+
+#[test]
+fn a_chain_grows_to_the_longest_that_opens_and_then_must_be_flattened() {
+    let f = fixture(16, 16, 68);
+    ckptfs::create(&f.mem, &CreateOptions::default(), &f.ckpt).unwrap();
+    let mut mem = f.mem.clone();
+    let mut top = f.ckpt.clone();
+    let longest = ckptfs::checkpoint::MAX_PARENT_DEPTH + 1;
+    for k in 1..longest {
+        let changed = write_pages(&mut mem, [k as u64 % 16], k as u64);
+        let next = f.dir.path().join(format!("c{k}.ckpt"));
+        ckptfs::create(&mem, &incremental(&top, changed), &next).unwrap();
+        top = next;
+    }
+    let ck = Checkpoint::open(&top).unwrap();
+    assert_eq!(1 + ck.ancestors().len(), longest);
+    assert_eq!(read_all(&ck), mem);
+    let out = f.dir.path().join("one-too-many.ckpt");
+    let e = ckptfs::create(&mem, &incremental(&top, PageSet::new(16)), &out).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("ends a chain of {longest} checkpoint files")),
+        "{e}"
+    );
+    let flat = f.dir.path().join("flat.ckpt");
+    ckptfs::flatten::flatten(&ck, &flat, false).unwrap();
+    ckptfs::create(&mem, &incremental(&flat, PageSet::new(16)), &out).unwrap();
+    assert_eq!(read_all(&Checkpoint::open(&out).unwrap()), mem);
+}

@@ -37,7 +37,7 @@ mod classify;
 use classify::{Classifier, Found};
 
 use crate::atomic_file::{self, AtomicFile};
-use crate::checkpoint::{Checkpoint, OpenError};
+use crate::checkpoint::{Checkpoint, MAX_PARENT_DEPTH, OpenError};
 use crate::disk::{DiskError, DiskImage};
 use crate::format::{self, CheckpointWriter, DiskRecord, Location, ParentRecord};
 use crate::memory::MemoryImage;
@@ -155,6 +155,16 @@ pub enum CreateError {
     /// The parent checkpoint could not be used.
     #[error("cannot use the parent checkpoint")]
     Parent(#[source] OpenError),
+    /// One more link would make the parent's chain too long to open.
+    #[error(
+        "parent checkpoint {parent} ends a chain of {files} checkpoint files, the most a checkpoint may have: flatten it first (`ckptfs flatten`)"
+    )]
+    ParentChainTooLong {
+        /// The parent.
+        parent: PathBuf,
+        /// Files in its chain (itself and its ancestors).
+        files: usize,
+    },
     /// A set of changed pages was given without a parent to take the others from.
     #[error("a set of changed pages needs a parent checkpoint to take the other pages from")]
     ChangedWithoutParent,
@@ -415,6 +425,14 @@ fn open_inputs(input: &Input<'_>, opts: &CreateOptions, out: &Path) -> Result<In
             })?;
             if let Some(a) = ck.ancestors().iter().find(|a| same_file(a.path(), out)) {
                 return Err(CreateError::OutputIsInput(a.path().to_owned()));
+            }
+            // A chain of n files opens while n <= MAX_PARENT_DEPTH + 1.
+            let files = 1 + ck.ancestors().len();
+            if files > MAX_PARENT_DEPTH {
+                return Err(CreateError::ParentChainTooLong {
+                    parent: p.clone(),
+                    files,
+                });
             }
             Some((ck, rec))
         }

@@ -60,6 +60,7 @@ pub mod memory;
 pub mod mkdisk;
 pub mod restore;
 pub mod run;
+pub mod save;
 pub mod state;
 pub mod touched;
 pub mod tracking;
