@@ -477,12 +477,8 @@ fn checked_parent(
             save::mount_checkpoint(m)?.ok_or_else(|| SaveError::NoParent(m.clone()))?
         }
     };
-    Ok(Some(Parent::check(
-        &path,
-        &raw.bytes,
-        &raw.origin,
-        mem_size,
-    )?))
+    let parent = Parent::check(&path, &save.out, &raw.bytes, &raw.origin, mem_size)?;
+    Ok(Some(parent))
 }
 
 fn load_memory(

@@ -138,6 +138,9 @@ pub enum SaveError {
         /// Files in its chain.
         files: usize,
     },
+    /// `-o` would replace the parent or one of its ancestors.
+    #[error("output {0} is the parent checkpoint or one of its parents; refusing to overwrite it")]
+    OutputIsParent(PathBuf),
     /// The VM's written pages are unknown (dirty logging or write tracking was off).
     #[error("the VM was not restored with dirty logging, so its written pages are unknown")]
     NotTracked,
@@ -153,6 +156,10 @@ pub enum SaveError {
         #[source]
         source: ckptfs::CreateError,
     },
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The checkpoint a ckptfs mount serves: `stats` beside the memory file names it (mountd
@@ -181,10 +188,12 @@ pub fn mount_checkpoint(mem_file: &Path) -> Result<Option<PathBuf>, SaveError> {
 }
 
 impl Parent {
-    /// Opens `path` and checks that a checkpoint of the VM resuming from `state_bytes`
-    /// (described as `state_origin`) with `mem_size` bytes of RAM can name it as its parent.
+    /// Opens `path` and checks that `out`, a checkpoint of the VM resuming from
+    /// `state_bytes` (described as `state_origin`) with `mem_size` bytes of RAM, can name it
+    /// as its parent.
     pub fn check(
         path: &Path,
+        out: &Path,
         state_bytes: &[u8],
         state_origin: &str,
         mem_size: u64,
@@ -193,6 +202,11 @@ impl Parent {
             path: path.to_owned(),
             source,
         })?;
+        let chain = std::iter::once(path).chain(ck.ancestors().iter().map(|a| a.path()));
+        if let Some(p) = chain.into_iter().find(|p| same_file(p, out)) {
+            log::debug!("vmm: -o {} is {}", out.display(), p.display());
+            return Err(SaveError::OutputIsParent(out.to_owned()));
+        }
         if ck.vmm_state() != state_bytes {
             return Err(SaveError::NotTheParent {
                 path: path.to_owned(),
