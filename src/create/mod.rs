@@ -312,6 +312,7 @@ fn create_from(
     check_memory(input.mem, opts)?;
     let inputs = open_inputs(input, opts, out)?;
     check_changed(input.mem, opts, &inputs)?;
+    log::debug!("create: inputs open after {:.1} ms", ms(start));
     let scan_disks: Vec<ScanDisk<'_>> = inputs
         .disks
         .iter()
@@ -328,6 +329,10 @@ fn create_from(
     let mut c = Classifier::new(input.mem, &scan_disks, index, opts, &inputs);
     let written = write_checkpoint(&mut c, input, &inputs, opts, file.file(), &bar);
     bar.finish_and_clear();
+    log::debug!(
+        "create: pages classified and written after {:.1} ms",
+        ms(start)
+    );
     let size = written.map_err(|e| match e {
         Failed::Write(source) => CreateError::Write {
             path: out.to_owned(),
@@ -339,11 +344,16 @@ fn create_from(
         path: out.to_owned(),
         source,
     })?;
+    log::debug!("create: flushed to disk after {:.1} ms", ms(start));
     file.commit().map_err(|source| CreateError::Rename {
         path: out.to_owned(),
         source,
     })?;
     Ok(c.finish(size, mode, start))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 fn check_memory(mem: &[u8], opts: &CreateOptions) -> Result<(), CreateError> {

@@ -174,6 +174,10 @@ struct RestoreArgs {
     /// Write -o as a full checkpoint (every page classified), not an incremental one.
     #[arg(long, requires = "out")]
     full_checkpoint: bool,
+    /// After the final CHECK (and -o), also write guest RAM as a raw dump and flush it
+    /// (timed: the report's raw_save_ms, what a full snapshot costs without ckptfs).
+    #[arg(long, value_name = "FILE")]
+    raw_out: Option<PathBuf>,
     /// Before its other requests, the guest writes this share of its RAM (percent; DIRTY
     /// requests, one word a page, each page once).
     #[arg(long, value_name = "PCT", default_value_t = 0.0)]
@@ -293,6 +297,7 @@ fn restore(args: RestoreArgs, origin: Instant) -> anyhow::Result<()> {
         touched_out: args.touched_out,
         dirty_pct: args.dirty_pct,
         checkpoint,
+        raw_out: args.raw_out,
         origin,
     };
     let report = crate::restore::restore(&opts)?;

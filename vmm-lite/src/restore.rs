@@ -91,6 +91,8 @@ pub struct RestoreOptions {
     pub dirty_pct: f64,
     /// Checkpoint the VM after the CHECK (`-o`), incremental or full.
     pub checkpoint: Option<SaveOptions>,
+    /// After the CHECK (and the checkpoint), write guest RAM here as a raw dump.
+    pub raw_out: Option<PathBuf>,
     /// Start of the command: timestamps count from here.
     pub origin: Instant,
 }
@@ -137,6 +139,9 @@ pub struct RestoreReport {
     /// The checkpoint written after the CHECK (`-o`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<SaveReport>,
+    /// Time to write and flush the raw dump (`--raw-out`), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_save_ms: Option<f64>,
 }
 
 /// Bytes `read_pages` rebuilt, by source.
@@ -218,6 +223,9 @@ pub enum RestoreError {
     /// Opening the checkpoint failed (the library's error names it).
     #[error(transparent)]
     CheckpointOpen(ckptfs::checkpoint::OpenError),
+    /// `--raw-out` names the memory file itself.
+    #[error("raw dump {0} is the memory file the VM runs on; refusing to overwrite it")]
+    RawOutIsMemory(PathBuf),
     /// Checkpointing the restored VM (`-o`).
     #[error(transparent)]
     Save(#[from] SaveError),
@@ -261,6 +269,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         MemorySource::Checkpoint(path) => Some(open_checkpoint(path)?),
         _ => None,
     };
+    if let (Some(raw), MemorySource::Map(m) | MemorySource::Eager(m)) =
+        (&opts.raw_out, &opts.memory)
+        && matches!((raw.canonicalize(), m.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    {
+        return Err(RestoreError::RawOutIsMemory(raw.clone()));
+    }
     let raw_state = read_state(opts, checkpoint.as_ref())?;
     let state = decode_state(&raw_state)?;
     let parent = checked_parent(opts, &raw_state, state.devices.mem_size)?;
@@ -313,6 +327,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     if let Some(save) = &opts.checkpoint {
         let saved = save::checkpoint(&mut machine, &opts.disk, &save.out, parent.as_ref())?;
         report.checkpoint = Some(saved);
+    }
+    if let Some(path) = &opts.raw_out {
+        report.raw_save_ms = Some(save::raw_dump(&machine, path)?);
     }
     Ok(report)
 }
@@ -417,6 +434,7 @@ fn report(
         touched_pages: None,
         dirty_pages: 0,
         checkpoint: None,
+        raw_save_ms: None,
     }
 }
 

@@ -243,12 +243,19 @@ fn an_incremental_checkpoint_holds_the_memory_a_full_one_of_the_same_run_holds()
         run_json(&args)
     };
     let inc = run(&t.p("inc.ckpt"), &[]);
-    let full = run(&t.p("full.ckpt"), &["--full-checkpoint"]);
+    let raw = t.p("raw.bin");
+    let full = run(&t.p("full.ckpt"), &["--full-checkpoint", "--raw-out", &raw]);
     assert_eq!(inc["check"], full["check"]);
     assert!(full["checkpoint"].get("parent").is_none());
+    assert!(full["raw_save_ms"].as_f64().unwrap() > 0.0);
+    let raw = std::fs::read(&raw).unwrap();
     assert!(
-        read_all(&t.path("inc.ckpt")) == read_all(&t.path("full.ckpt")),
-        "the incremental checkpoint's memory differs from the full one's"
+        read_all(&t.path("full.ckpt")) == raw,
+        "the full checkpoint differs from the raw dump"
+    );
+    assert!(
+        read_all(&t.path("inc.ckpt")) == raw,
+        "the incremental checkpoint's memory differs from the raw dump of the same run"
     );
     let size = |r: &serde_json::Value| {
         r["checkpoint"]["summary"]["checkpoint_bytes"]
