@@ -269,12 +269,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         MemorySource::Checkpoint(path) => Some(open_checkpoint(path)?),
         _ => None,
     };
-    if let (Some(raw), MemorySource::Map(m) | MemorySource::Eager(m)) =
-        (&opts.raw_out, &opts.memory)
-        && matches!((raw.canonicalize(), m.canonicalize()), (Ok(a), Ok(b)) if a == b)
-    {
-        return Err(RestoreError::RawOutIsMemory(raw.clone()));
-    }
+    refuse_raw_out_over_memory(opts)?;
     let raw_state = read_state(opts, checkpoint.as_ref())?;
     let state = decode_state(&raw_state)?;
     let parent = checked_parent(opts, &raw_state, state.devices.mem_size)?;
@@ -324,14 +319,36 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     report.zero_ranges = zero_report;
     report.touched_pages = touched_pages;
     report.dirty_pages = dirty_pages;
+    save_outputs(&mut machine, opts, parent.as_ref(), &mut report)?;
+    Ok(report)
+}
+
+/// `--raw-out` over the memory file the VM runs on would truncate its RAM under it.
+fn refuse_raw_out_over_memory(opts: &RestoreOptions) -> Result<(), RestoreError> {
+    if let (Some(raw), MemorySource::Map(m) | MemorySource::Eager(m)) =
+        (&opts.raw_out, &opts.memory)
+        && matches!((raw.canonicalize(), m.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    {
+        return Err(RestoreError::RawOutIsMemory(raw.clone()));
+    }
+    Ok(())
+}
+
+/// After the CHECK: the checkpoint (`-o`), then the raw dump (`--raw-out`).
+fn save_outputs(
+    machine: &mut Machine,
+    opts: &RestoreOptions,
+    parent: Option<&Parent>,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
     if let Some(save) = &opts.checkpoint {
-        let saved = save::checkpoint(&mut machine, &opts.disk, &save.out, parent.as_ref())?;
+        let saved = save::checkpoint(machine, &opts.disk, &save.out, parent)?;
         report.checkpoint = Some(saved);
     }
     if let Some(path) = &opts.raw_out {
-        report.raw_save_ms = Some(save::raw_dump(&machine, path)?);
+        report.raw_save_ms = Some(save::raw_dump(machine, path)?);
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Pages `--dirty-pct` asks the guest to write: that share of guest RAM, in pages.
