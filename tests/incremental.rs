@@ -344,3 +344,73 @@ fn a_chain_grows_to_the_longest_that_opens_and_then_must_be_flattened() {
     ckptfs::create(&mem, &incremental(&flat, PageSet::new(16)), &out).unwrap();
     assert_eq!(read_all(&Checkpoint::open(&out).unwrap()), mem);
 }
+
+#[test]
+fn content_scan_create_parent_builds_a_chain_through_the_cli() {
+    let f = fixture(256, 64, 69);
+    let mut mems = vec![f.mem.clone()];
+    let mut paths = vec![f.ckpt.clone()];
+    let out = ckptfs_cli(&[
+        "create",
+        "--mem",
+        s(&f.mem_path),
+        "--disk",
+        s(&f.disk),
+        "-o",
+        s(&f.ckpt),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in 1..3u64 {
+        let mut mem = mems.last().unwrap().clone();
+        let written = write_pages(&mut mem, (k..256).step_by(9), 70 + k);
+        let raw = f.dir.path().join(format!("m{k}.raw"));
+        std::fs::write(&raw, &mem).unwrap();
+        let ckpt = f.dir.path().join(format!("m{k}.ckpt"));
+        let out = ckptfs_cli(&[
+            "create",
+            "--mem",
+            s(&raw),
+            "--parent",
+            s(paths.last().unwrap()),
+            "-o",
+            s(&ckpt),
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Every page not written is the parent's (compared by CRC, then byte for byte).
+        assert_eq!(sum["blobs_stored"], written.count());
+        assert_eq!(
+            sum["unchanged_pages"], 0,
+            "a dump is compared, never taken on trust"
+        );
+        mems.push(mem);
+        paths.push(ckpt);
+    }
+    let out = ckptfs_cli(&["inspect", s(&paths[2]), "--json"]);
+    assert!(out.status.success());
+    let ins: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ins["chain"].as_array().unwrap().len(), 3);
+    let flat = f.dir.path().join("flat.ckpt");
+    let out = ckptfs_cli(&["flatten", s(&paths[2]), "-o", s(&flat)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = f.dir.path().join("m2.raw");
+    let out = ckptfs_cli(&["verify", s(&flat), "--mem", s(&raw)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
