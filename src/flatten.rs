@@ -64,8 +64,8 @@ pub enum FlattenError {
     /// The output is the checkpoint or one of its ancestors.
     #[error("output {0} is the checkpoint or one of its parents; refusing to overwrite it")]
     OutputIsInput(PathBuf),
-    /// A page could not be resolved or read.
-    #[error("checkpoint {path}: cannot copy {page}")]
+    /// A page could not be resolved or read (the cause names the page).
+    #[error("flattening checkpoint {path}")]
     Page {
         /// The checkpoint flattened.
         path: PathBuf,

@@ -414,3 +414,39 @@ fn content_scan_create_parent_builds_a_chain_through_the_cli() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn flatten_stops_at_a_damaged_blob_of_an_ancestor_and_writes_nothing() {
+    let c = chain(1024, 70);
+    let base = &c.links[0];
+    let ck = Checkpoint::open(base).unwrap();
+    let blobs = ck.header().blobs();
+    drop(ck);
+    let mut bytes = std::fs::read(base).unwrap();
+    // A blob block the parent fingerprint does not sample: the chain still opens.
+    let sampled = ckptfs::disk::fingerprint_blocks(bytes.len() as u64);
+    let block = (blobs.offset / 4096..blobs.end() / 4096)
+        .find(|b| !sampled.contains(b))
+        .unwrap();
+    bytes[block as usize * 4096 + 100] ^= 0x5a;
+    std::fs::write(base, &bytes).unwrap();
+    let flat = c.f.dir.path().join("flat.ckpt");
+    let out = ckptfs_cli(&["flatten", s(&c.links[2]), "-o", s(&flat)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "flatten succeeded over a damaged blob"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("flattening checkpoint") && err.contains("CRC mismatch"),
+        "{err}"
+    );
+    assert!(!flat.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(c.f.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
