@@ -18,6 +18,7 @@ mod validate;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -222,7 +223,15 @@ pub struct Missing {
 /// A disk a checkpoint's pages may come from: its record and, unless missing, the open image.
 struct DiskSlot {
     record: DiskRecord,
-    image: Option<DiskImage>,
+    image: Option<Arc<DiskImage>>,
+}
+
+/// What one open (a checkpoint and all its ancestors) shares: the ancestor files
+/// it may still open, and the disk images already opened and checked, so a disk
+/// every link of a chain references is opened and fingerprinted once.
+struct OpenWalk {
+    budget: usize,
+    disks: Vec<(DiskRecord, Arc<DiskImage>)>,
 }
 
 /// An ancestor checkpoint file whose blobs resolved PARENT entries point into.
@@ -315,15 +324,18 @@ impl Checkpoint {
 
     /// [`Checkpoint::open`] with options.
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Self, OpenError> {
-        let mut budget = MAX_ANCESTORS;
-        Self::open_at_depth(path, opts, 0, &mut budget)
+        let mut walk = OpenWalk {
+            budget: MAX_ANCESTORS,
+            disks: Vec::new(),
+        };
+        Self::open_at_depth(path, opts, 0, &mut walk)
     }
 
     fn open_at_depth(
         path: &Path,
         opts: &OpenOptions,
         depth: usize,
-        budget: &mut usize,
+        walk: &mut OpenWalk,
     ) -> Result<Self, OpenError> {
         let v = validate::validate(path)?;
         let mut ck = Checkpoint {
@@ -339,8 +351,8 @@ impl Checkpoint {
             resolved: parents::Resolved::default(),
             missing: Vec::new(),
         };
-        ck.open_disks(opts)?;
-        ck.open_parents(opts, depth, budget)?;
+        ck.open_disks(opts, &mut walk.disks)?;
+        ck.open_parents(opts, depth, walk)?;
         log::debug!(
             "checkpoint: opened {} ({} pages, {} parents)",
             path.display(),
@@ -350,7 +362,14 @@ impl Checkpoint {
         Ok(ck)
     }
 
-    fn open_disks(&mut self, opts: &OpenOptions) -> Result<(), OpenError> {
+    /// Open and check every disk of the disk table; `opened` holds the disks this
+    /// open already checked at their recorded paths (reused when the record is
+    /// the same) and receives the ones opened here.
+    fn open_disks(
+        &mut self,
+        opts: &OpenOptions,
+        opened: &mut Vec<(DiskRecord, Arc<DiskImage>)>,
+    ) -> Result<(), OpenError> {
         let disk_err = |source| OpenError::Disk {
             path: self.path.clone(),
             source,
@@ -369,13 +388,28 @@ impl Checkpoint {
             }));
         }
         for (i, r) in self.disk_records.iter().enumerate() {
-            let p = opts.disk_override.as_ref().map_or(&r.path, |o| &o[i]);
-            let opened = DiskImage::open(p).and_then(|image| {
+            let overridden = opts.disk_override.as_ref().map(|o| &o[i]);
+            if overridden.is_none()
+                && let Some((_, image)) = opened.iter().find(|(rec, _)| rec == r)
+            {
+                self.disks.push(DiskSlot {
+                    record: r.clone(),
+                    image: Some(image.clone()),
+                });
+                continue;
+            }
+            let p = overridden.unwrap_or(&r.path);
+            let checked = DiskImage::open(p).and_then(|image| {
                 image.check(r, !opts.skip_fingerprint)?;
-                Ok(image)
+                Ok(Arc::new(image))
             });
-            let image = match opened {
-                Ok(image) => Some(image),
+            let image = match checked {
+                Ok(image) => {
+                    if overridden.is_none() {
+                        opened.push((r.clone(), image.clone()));
+                    }
+                    Some(image)
+                }
                 Err(e) if opts.allow_missing => {
                     self.missing.push(Missing {
                         what: "disk image",
