@@ -100,6 +100,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a self-contained copy of a checkpoint that has parents (no parent needed to open it).
+    Flatten {
+        /// The checkpoint (e.g. an incremental checkpoint at the end of a chain).
+        checkpoint: PathBuf,
+        /// Output checkpoint.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a checkpoint's guest RAM as a FUSE file: `ckptfs mount VM.ckpt MOUNTPOINT
     /// [options]`, options anywhere (runs ckptfs-mountd; `ckptfs mount --help` lists them).
     #[command(disable_help_flag = true)]
@@ -158,6 +169,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             disk,
             json,
         } => crate::remote_cmds::pull(&url, &output, disk, json),
+        Command::Flatten {
+            checkpoint,
+            output,
+            json,
+        } => flatten(&checkpoint, &output, json),
         Command::Mount { args } => mount(&args),
         Command::Qemu { command } => qemu::run(command),
     }
@@ -376,6 +392,74 @@ fn print_inspection(i: &Inspection) {
     if i.invalid_entries > 0 {
         println!("  INVALID page-table entries: {}", i.invalid_entries);
     }
+    if i.chain.len() > 1 {
+        print_chain(i);
+    }
+}
+
+fn print_chain(i: &Inspection) {
+    println!(
+        "  chain       {:>10} files, this checkpoint first; the pages each one holds:",
+        i.chain.len()
+    );
+    for (n, l) in i.chain.iter().enumerate() {
+        let parents: Vec<String> = l
+            .parents
+            .iter()
+            .map(|p| p.map_or("missing".into(), |p| format!("#{p}")))
+            .collect();
+        let parents = match parents.is_empty() {
+            true => String::new(),
+            false => format!(", parent {}", parents.join(" ")),
+        };
+        println!(
+            "    #{n} {:>9} pages {:5.1}%  {} ({:.1} MiB, {} blobs, {} PARENT entries{parents})",
+            l.holds,
+            pct(l.holds, i.pages),
+            l.path,
+            mib(l.size),
+            l.blobs_stored,
+            l.stored.parent
+        );
+    }
+    if i.unresolved_pages > 0 {
+        println!(
+            "    {} pages come from a parent that cannot be used",
+            i.unresolved_pages
+        );
+    }
+}
+
+fn flatten(path: &Path, out: &Path, json: bool) -> Result<ExitCode> {
+    let ck = Checkpoint::open(path)?;
+    let s = ckptfs::flatten::flatten(&ck, out, std::io::stderr().is_terminal())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "wrote {} in {:.2}s: {} checkpoint files made one",
+        out.display(),
+        s.seconds,
+        s.chain_files
+    );
+    for (kind, n) in [
+        ("ZERO", s.zero_pages),
+        ("DISK", s.disk_pages),
+        ("BLOB", s.blob_pages),
+    ] {
+        println!("  {kind:<10}  {n:>10} pages  {:5.1}%", pct(n, s.pages));
+    }
+    println!(
+        "  blobs       {:>10} stored ({} copied from parents)",
+        s.blobs_stored, s.blobs_from_ancestors
+    );
+    println!(
+        "  checkpoint  {:>10.1} MiB, {} disk images",
+        mib(s.checkpoint_bytes),
+        s.disks
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify_cmd(path: &Path, mem: Option<&Path>, json: bool) -> Result<ExitCode> {
@@ -408,9 +492,13 @@ pub(crate) fn print_report(path: &Path, r: &VerifyReport) {
     } else {
         ""
     };
+    let through = match r.chain_files {
+        1 => String::new(),
+        n => format!(" through a chain of {n} checkpoint files"),
+    };
     if r.ok() {
         println!(
-            "{}: OK: all {} pages rebuild with correct CRCs{against}",
+            "{}: OK: all {} pages rebuild with correct CRCs{through}{against}",
             path.display(),
             r.pages
         );

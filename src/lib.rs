@@ -15,6 +15,11 @@
 //!    rebuilding pages with [`Checkpoint::read_pages`] as a VMM faults on them.
 //! 3. A VMM (vmm-lite, QEMU, ...) maps that file `MAP_PRIVATE` as guest memory
 //!    and resumes at once.
+//! 4. Checkpointing the restored VM again, the VMM passes the pages its dirty
+//!    log says the guest wrote as [`CreateOptions::changed`]: every other page
+//!    becomes a PARENT reference to the checkpoint it was restored from without
+//!    being read (an incremental checkpoint). Chains of them open in one pass;
+//!    [`flatten::flatten`] makes one self-contained file of a chain.
 //!
 //! ```
 //! use ckptfs::{Checkpoint, CreateOptions, PageIndex};
@@ -51,10 +56,12 @@ pub mod atomic_file;
 pub mod checkpoint;
 pub mod create;
 pub mod disk;
+pub mod flatten;
 pub mod format;
 pub mod input;
 pub mod loadset;
 pub mod memory;
+pub mod pageset;
 pub mod qemu;
 pub mod remote;
 pub mod scan;
@@ -68,6 +75,7 @@ pub use checkpoint::{
 };
 pub use create::{CreateError, CreateOptions, DiskHint, Summary, create};
 pub use memory::MemoryImage;
+pub use pageset::PageSet;
 pub use source::{MemReader, PageReader};
 pub use types::{
     AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex, ParentIndex, SECTOR_SIZE,

@@ -1,4 +1,4 @@
-//! The `ckptfs` command: create, inspect, verify and mount checkpoints.
+//! The `ckptfs` command: create, inspect, verify, flatten and mount checkpoints.
 
 mod commands;
 mod remote_cmds;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Ctrl-C during `create` must not leave a half-written hidden temp file.
+    // Ctrl-C during `create` or `flatten` must not leave a half-written hidden temp file.
     ckptfs::atomic_file::clean_up_on_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = commands::Cli::parse();

@@ -1,7 +1,7 @@
 //! `verify` and `inspect`: rebuild every page and check it, or summarize a checkpoint.
 
 use crate::checkpoint::{Checkpoint, Missing, error_chain};
-use crate::format::{DiskFormat, Location};
+use crate::format::{DiskFormat, Location, ParentRecord};
 use crate::types::{PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
 
 /// Pages per read while verifying (1 MiB).
@@ -29,6 +29,8 @@ pub struct VerifyReport {
     pub first_bad: Vec<BadPage>,
     /// Whether the rebuilt memory was compared with an original dump.
     pub compared_with_dump: bool,
+    /// Checkpoint files the pages were rebuilt from (itself and its ancestors).
+    pub chain_files: usize,
 }
 
 impl VerifyReport {
@@ -53,6 +55,7 @@ pub fn verify(ck: &Checkpoint, dump: Option<&[u8]>, mut progress: impl FnMut(u64
     let mut report = VerifyReport {
         pages,
         compared_with_dump: dump.is_some(),
+        chain_files: 1 + ck.ancestors().len(),
         ..Default::default()
     };
     if let Some(d) = dump
@@ -144,6 +147,41 @@ pub struct ParentInfo {
     pub missing: Option<String>,
 }
 
+/// Page-table entries of one file, by kind, as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoredKinds {
+    /// ZERO entries.
+    pub zero: u64,
+    /// DISK entries.
+    pub disk: u64,
+    /// BLOB entries.
+    pub blob: u64,
+    /// PARENT entries.
+    pub parent: u64,
+}
+
+/// One checkpoint file of a chain (the checkpoint itself, or an ancestor) as
+/// `inspect` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ChainLink {
+    /// Path of the file.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its identity, hex.
+    pub identity: String,
+    /// Its page-table entries by kind.
+    pub stored: StoredKinds,
+    /// Blobs its blob section holds.
+    pub blobs_stored: u64,
+    /// Links (indices into [`Inspection::chain`]) of its parents, in its parent
+    /// table's order (None: a parent that could not be opened).
+    pub parents: Vec<Option<usize>>,
+    /// Pages of the inspected checkpoint whose bytes this file gives: following
+    /// PARENT entries from the checkpoint, the walk ends at this file's entry.
+    pub holds: u64,
+}
+
 /// What `inspect` shows.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Inspection {
@@ -177,6 +215,11 @@ pub struct Inspection {
     pub parents: Vec<ParentInfo>,
     /// Invalid page-table entries (should be 0).
     pub invalid_entries: u64,
+    /// The checkpoint and its ancestors, the checkpoint first (one link for a
+    /// checkpoint without parents).
+    pub chain: Vec<ChainLink>,
+    /// Pages whose walk down the chain ends at a parent that could not be opened.
+    pub unresolved_pages: u64,
 }
 
 impl Inspection {
@@ -257,5 +300,83 @@ pub fn inspect(ck: &Checkpoint) -> Inspection {
     ins.disks = disks;
     ins.parents = parents;
     ins.size_ratio = ins.checkpoint_bytes as f64 / ins.guest_bytes.max(1) as f64;
+    let own = StoredKinds {
+        zero: ins.zero_pages,
+        disk: ins.disk_pages,
+        blob: ins.blob_pages,
+        parent: ins.parent_pages,
+    };
+    (ins.chain, ins.unresolved_pages) = chain(ck, own);
     ins
+}
+
+/// A file of the chain: the checkpoint (`None`) or an ancestor.
+fn link_entry(ck: &Checkpoint, link: usize, page: PageIndex) -> Option<Location> {
+    match link {
+        0 => ck.stored_entry(page).ok().map(|(loc, _)| loc),
+        a => ck.ancestors()[a - 1].stored_entry(page).map(|(loc, _)| loc),
+    }
+}
+
+/// The chain's links, and how many pages of `ck` each one holds (walking the
+/// PARENT entries page by page: `inspect` only, reads never do this).
+fn chain(ck: &Checkpoint, own: StoredKinds) -> (Vec<ChainLink>, u64) {
+    let ancestors = ck.ancestors();
+    let find = |r: &ParentRecord| {
+        ancestors
+            .iter()
+            .position(|a| a.path() == r.path && a.identity() == r.identity)
+            .map(|a| a + 1)
+    };
+    let mut links = vec![ChainLink {
+        path: ck.path().display().to_string(),
+        size: ck.file_size(),
+        identity: format!("{:016x}", ck.identity()),
+        stored: own,
+        blobs_stored: ck.header().blob_count,
+        parents: ck.parent_records().iter().map(find).collect(),
+        holds: 0,
+    }];
+    for (i, a) in ancestors.iter().enumerate() {
+        let mut stored = StoredKinds::default();
+        for p in 0..a.header().page_count {
+            match link_entry(ck, i + 1, PageIndex(p)) {
+                Some(Location::Zero) => stored.zero += 1,
+                Some(Location::Disk(..)) => stored.disk += 1,
+                Some(Location::Blob(_)) => stored.blob += 1,
+                Some(Location::Parent(_)) => stored.parent += 1,
+                None => {}
+            }
+        }
+        links.push(ChainLink {
+            path: a.path().display().to_string(),
+            size: a.file_size(),
+            identity: format!("{:016x}", a.identity()),
+            stored,
+            blobs_stored: a.header().blob_count,
+            parents: a.parent_records().iter().map(find).collect(),
+            holds: 0,
+        });
+    }
+    let mut unresolved = 0;
+    for p in 0..ck.page_count() {
+        match holder(ck, &links, PageIndex(p)) {
+            Some(link) => links[link].holds += 1,
+            None => unresolved += 1,
+        }
+    }
+    (links, unresolved)
+}
+
+/// The link whose entry gives `page`'s bytes, or None if the walk ends at a
+/// parent that is missing or an invalid entry.
+fn holder(ck: &Checkpoint, links: &[ChainLink], page: PageIndex) -> Option<usize> {
+    let mut link = 0;
+    for _ in 0..=crate::checkpoint::MAX_PARENT_DEPTH {
+        match link_entry(ck, link, page)? {
+            Location::Parent(i) => link = (*links[link].parents.get(usize::from(i.0))?)?,
+            _ => return Some(link),
+        }
+    }
+    None
 }

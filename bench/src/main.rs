@@ -3,6 +3,7 @@
 mod create;
 mod demo;
 mod fuzz;
+mod incremental;
 mod matrix;
 mod plot;
 mod qemu;
@@ -141,6 +142,39 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Where remote.md and remote.jsonl go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Incremental checkpoints of restored VMs: save time and size against full saves, and
+    /// restores from a chain of three against its flattened twin (see bench/RESULTS.md).
+    Incremental {
+        /// A 256 MiB guest, 2 repetitions, 1/5/20 % written (a few minutes); the full run is
+        /// 1 and 4 GiB, 5 repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Guest sizes in MiB, comma separated (overrides --quick's choice).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u64>,
+        /// Guest workload.
+        #[arg(long, default_value = "desktop")]
+        workload: String,
+        /// Shares of RAM the guest writes before a save, percent, comma separated
+        /// [default: 1,5,20; 1,5,20,50 at 1 GiB and less].
+        #[arg(long, value_delimiter = ',')]
+        dirty_pcts: Vec<f64>,
+        /// Repetitions per cell [default: 5; 2 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds of work (the writes first) between restore and save.
+        #[arg(long, default_value_t = 2.0)]
+        work_seconds: f64,
+        /// Seconds each measured restore of the chain serves requests.
+        #[arg(long, default_value_t = 3.0)]
+        ttr_seconds: f64,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where incremental.md and incremental.json go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -333,6 +367,39 @@ fn run(cli: Cli) -> Result<()> {
                 duration,
             };
             remote::run(&r, &dir, &out)?;
+        }
+        Command::Incremental {
+            quick,
+            sizes,
+            workload,
+            dirty_pcts,
+            reps,
+            work_seconds,
+            ttr_seconds,
+            dir,
+            out,
+        } => {
+            let sizes = match (sizes.is_empty(), quick) {
+                (false, _) => sizes,
+                (true, true) => vec![256],
+                (true, false) => vec![1024, 4096],
+            };
+            let dirty_pcts = match (dirty_pcts.is_empty(), sizes.iter().all(|&s| s <= 1024)) {
+                (false, _) => dirty_pcts,
+                (true, true) if !quick => vec![1.0, 5.0, 20.0, 50.0],
+                (true, _) => vec![1.0, 5.0, 20.0],
+            };
+            let plan = incremental::Plan {
+                sizes,
+                workload,
+                dirty_pcts,
+                reps: reps.unwrap_or(if quick { 2 } else { 5 }),
+                work_seconds,
+                ttr_seconds,
+                chain_pct: 5.0,
+            };
+            let (_keep, dir) = work_dir(dir)?;
+            incremental::run(&plan, &dir, &out)?;
         }
         Command::Demo {
             guest_mib,

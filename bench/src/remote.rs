@@ -238,7 +238,7 @@ fn trial(vm: &Vm, port: u16, way: Way, label: &str, rep: usize, duration: f64) -
     std::fs::create_dir_all(&point)?;
     // Cold: the VM's files and the store's own data out of the page cache.
     let mut files = vm.files();
-    files.extend(files_under(&vm.path("weed")));
+    files.extend(crate::restore::files_under(&vm.path("weed")));
     restore::evict(&files)?;
     let start = Instant::now();
     let mut mount = Command::new(bin.join("ckptfs-mountd"));
@@ -307,22 +307,6 @@ fn trial(vm: &Vm, port: u16, way: Way, label: &str, rep: usize, duration: f64) -
         ttr_ms: None,
         lag_ms: None,
     })
-}
-
-/// Every regular file under `dir` (the store's data).
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => todo.push(e.path()),
-                Ok(t) if t.is_file() => out.push(e.path()),
-                _ => {}
-            }
-        }
-    }
-    out
 }
 
 fn timeline_times(path: &Path, offset: u64) -> Result<Vec<u64>> {

@@ -18,6 +18,7 @@ mod validate;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::disk::{DiskError, DiskImage};
 use crate::format::{
@@ -253,7 +254,15 @@ pub struct Missing {
 /// A disk a checkpoint's pages may come from: its record and, unless missing, the open image.
 struct DiskSlot {
     record: DiskRecord,
-    image: Option<DiskImage>,
+    image: Option<Arc<DiskImage>>,
+}
+
+/// What one open (a checkpoint and all its ancestors) shares: the ancestor files
+/// it may still open, and the disk images already opened and checked, so a disk
+/// every link of a chain references is opened and fingerprinted once.
+struct OpenWalk {
+    budget: usize,
+    disks: Vec<(DiskRecord, Arc<DiskImage>)>,
 }
 
 /// An ancestor checkpoint file whose blobs resolved PARENT entries point into.
@@ -262,6 +271,10 @@ pub struct Ancestor {
     file: std::fs::File,
     header: Header,
     mode: u32,
+    head: [u8; HEADER_LEN],
+    table: Box<[u8]>,
+    file_len: u64,
+    parent_records: Vec<ParentRecord>,
 }
 
 impl Ancestor {
@@ -277,6 +290,36 @@ impl Ancestor {
 
     fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
         read_blobs(&self.file, &self.header, b, out)
+    }
+
+    /// Its identity ([`Checkpoint::identity`]).
+    pub fn identity(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&self.head)
+    }
+
+    /// Its file size in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Permission bits of the file.
+    pub fn file_mode(&self) -> u32 {
+        self.mode
+    }
+
+    /// Its own parent table.
+    pub fn parent_records(&self) -> &[ParentRecord] {
+        &self.parent_records
+    }
+
+    /// Its page-table entry of `page` as stored (None beyond its guest memory or
+    /// for an entry that does not decode).
+    pub fn stored_entry(&self, page: PageIndex) -> Option<(Location, u32)> {
+        if page.0 >= self.header.page_count {
+            return None;
+        }
+        let at = page.0 as usize * ENTRY_LEN;
+        format::decode_entry(&self.table[at..at + ENTRY_LEN], page.0).ok()
     }
 }
 
@@ -330,15 +373,18 @@ impl Checkpoint {
 
     /// [`Checkpoint::open`] with options.
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Self, OpenError> {
-        let mut budget = MAX_ANCESTORS;
-        Self::open_at_depth(path, opts, 0, &mut budget)
+        let mut walk = OpenWalk {
+            budget: MAX_ANCESTORS,
+            disks: Vec::new(),
+        };
+        Self::open_at_depth(path, opts, 0, &mut walk)
     }
 
     fn open_at_depth(
         path: &Path,
         opts: &OpenOptions,
         depth: usize,
-        budget: &mut usize,
+        walk: &mut OpenWalk,
     ) -> Result<Self, OpenError> {
         check_readable(opts, "checkpoint", path)?;
         let v = validate::validate(path)?;
@@ -359,8 +405,8 @@ impl Checkpoint {
             resolved: parents::Resolved::default(),
             missing: Vec::new(),
         };
-        ck.open_disks(opts)?;
-        ck.open_parents(opts, depth, budget)?;
+        ck.open_disks(opts, &mut walk.disks)?;
+        ck.open_parents(opts, depth, walk)?;
         log::debug!(
             "checkpoint: opened {} ({} pages, {} parents)",
             path.display(),
@@ -370,7 +416,14 @@ impl Checkpoint {
         Ok(ck)
     }
 
-    fn open_disks(&mut self, opts: &OpenOptions) -> Result<(), OpenError> {
+    /// Open and check every disk of the disk table; `opened` holds the disks this
+    /// open already checked at their recorded paths (reused when the record is
+    /// the same) and receives the ones opened here.
+    fn open_disks(
+        &mut self,
+        opts: &OpenOptions,
+        opened: &mut Vec<(DiskRecord, Arc<DiskImage>)>,
+    ) -> Result<(), OpenError> {
         let disk_err = |source| OpenError::Disk {
             path: self.path.clone(),
             source,
@@ -389,15 +442,30 @@ impl Checkpoint {
             }));
         }
         for (i, r) in self.disk_records.iter().enumerate() {
-            let p = opts.disk_override.as_ref().map_or(&r.path, |o| &o[i]);
+            let overridden = opts.disk_override.as_ref().map(|o| &o[i]);
+            if overridden.is_none()
+                && let Some((_, image)) = opened.iter().find(|(rec, _)| rec == r)
+            {
+                self.disks.push(DiskSlot {
+                    record: r.clone(),
+                    image: Some(image.clone()),
+                });
+                continue;
+            }
+            let p = overridden.unwrap_or(&r.path);
             // Before the image is opened: a refusal must not tell its size.
             check_readable(opts, "disk image", p)?;
-            let opened = DiskImage::open(p).and_then(|image| {
+            let checked = DiskImage::open(p).and_then(|image| {
                 image.check(r, !opts.skip_fingerprint)?;
-                Ok(image)
+                Ok(Arc::new(image))
             });
-            let image = match opened {
-                Ok(image) => Some(image),
+            let image = match checked {
+                Ok(image) => {
+                    if overridden.is_none() {
+                        opened.push((r.clone(), image.clone()));
+                    }
+                    Some(image)
+                }
                 Err(e) if opts.allow_missing => {
                     self.missing.push(Missing {
                         what: "disk image",
@@ -439,6 +507,12 @@ impl Checkpoint {
     /// Ancestor files that resolved PARENT entries read blobs from.
     pub fn ancestors(&self) -> &[Ancestor] {
         &self.ancestors
+    }
+
+    /// The record of disk `d` (see [`PageSource::Disk`]): this checkpoint's
+    /// disk table first, then disks only its ancestors reference.
+    pub fn disk_record(&self, d: DiskIndex) -> Option<&DiskRecord> {
+        self.disks.get(usize::from(d.0)).map(|s| &s.record)
     }
 
     /// Disks and parents an [`OpenOptions::allow_missing`] open could not use.

@@ -14,7 +14,7 @@
 use crate::format::{Location, ParentRecord};
 use crate::types::{AncestorIndex, BlobIndex, DiskIndex, DiskOffset, PageIndex, SECTOR_SIZE};
 
-use super::{Ancestor, Checkpoint, Missing, OpenError, OpenOptions, PageSource};
+use super::{Ancestor, Checkpoint, Missing, OpenError, OpenOptions, OpenWalk, PageSource};
 
 /// Longest chain of parents followed.
 pub const MAX_PARENT_DEPTH: usize = 16;
@@ -113,25 +113,26 @@ impl Planned {
 
 impl Checkpoint {
     /// Open every parent, resolve every PARENT entry, and adopt the parents'
-    /// files and disks. `budget` counts ancestor files left to open.
+    /// files and disks. `walk` counts ancestor files left to open and holds the
+    /// disks already opened.
     pub(super) fn open_parents(
         &mut self,
         opts: &OpenOptions,
         depth: usize,
-        budget: &mut usize,
+        walk: &mut OpenWalk,
     ) -> Result<(), OpenError> {
         if self.parent_records.is_empty() {
             return Ok(());
         }
-        if depth >= MAX_PARENT_DEPTH || *budget < self.parent_records.len() {
+        if depth >= MAX_PARENT_DEPTH || walk.budget < self.parent_records.len() {
             return Err(OpenError::ParentChain {
                 path: self.path.clone(),
             });
         }
-        *budget -= self.parent_records.len();
+        walk.budget -= self.parent_records.len();
         let mut opened = Vec::with_capacity(self.parent_records.len());
         for rec in self.parent_records.clone() {
-            match self.open_parent(&rec, opts, depth, budget) {
+            match self.open_parent(&rec, opts, depth, walk) {
                 Ok(ck) => opened.push(Some(ck)),
                 Err(e) if opts.allow_missing => {
                     self.missing.push(Missing {
@@ -155,22 +156,21 @@ impl Checkpoint {
         rec: &ParentRecord,
         opts: &OpenOptions,
         depth: usize,
-        budget: &mut usize,
+        walk: &mut OpenWalk,
     ) -> Result<Checkpoint, OpenError> {
         let parent_opts = OpenOptions {
             disk_override: None,
             ..opts.clone()
         };
-        let ck =
-            Checkpoint::open_at_depth(&rec.path, &parent_opts, depth + 1, budget).map_err(|e| {
-                match e {
-                    OpenError::ParentChain { .. } => e,
-                    e => OpenError::Parent {
-                        path: self.path.clone(),
-                        source: Box::new(e),
-                    },
-                }
-            })?;
+        let ck = Checkpoint::open_at_depth(&rec.path, &parent_opts, depth + 1, walk).map_err(
+            |e| match e {
+                OpenError::ParentChain { .. } => e,
+                e => OpenError::Parent {
+                    path: self.path.clone(),
+                    source: Box::new(e),
+                },
+            },
+        )?;
         let changed = |what: String| OpenError::ParentChanged {
             path: self.path.clone(),
             parent: rec.path.clone(),
@@ -273,6 +273,10 @@ impl Checkpoint {
                 file: ck.file,
                 header: ck.header,
                 mode: ck.mode,
+                head: ck.head,
+                table: ck.table,
+                file_len: ck.file_len,
+                parent_records: ck.parent_records,
             });
             self.ancestors.extend(ancestors);
         }

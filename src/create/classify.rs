@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use nohash_hasher::IntMap;
 
-use super::{CreateOptions, Inputs, Summary};
-use crate::checkpoint::Checkpoint;
+use super::{CreateError, CreateOptions, Inputs, Summary};
+use crate::checkpoint::{Checkpoint, PageSource};
 use crate::format::{self, Location};
+use crate::pageset::PageSet;
 use crate::scan::{self, ContentIndex, IndexReport, ScanDisk};
 use crate::types::{
     BlobIndex, DiskIndex, DiskOffset, PAGE_SIZE, PageIndex, ParentIndex, SECTOR_SIZE,
@@ -28,6 +29,7 @@ pub(super) struct Classifier<'a> {
     index: Option<ContentIndex>,
     hints: IntMap<u64, (DiskIndex, DiskOffset)>,
     parent: Option<&'a Checkpoint>,
+    changed: Option<&'a PageSet>,
     blob_index: IntMap<u64, (BlobIndex, PageIndex)>,
     buf: Box<[u8; PAGE_SIZE]>,
     pub(super) summary: Summary,
@@ -38,7 +40,7 @@ impl<'a> Classifier<'a> {
         mem: &'a [u8],
         disks: &'a [ScanDisk<'a>],
         index: Option<(ContentIndex, IndexReport)>,
-        opts: &CreateOptions,
+        opts: &'a CreateOptions,
         inputs: &'a Inputs,
     ) -> Self {
         let (index, report) = index.unzip();
@@ -60,6 +62,7 @@ impl<'a> Classifier<'a> {
                 .map(|h| (h.page.0, (h.disk, h.offset)))
                 .collect(),
             parent: inputs.parent.as_ref().map(|(ck, _)| ck),
+            changed: opts.changed.as_ref(),
             blob_index: IntMap::default(),
             buf: Box::new([0u8; PAGE_SIZE]),
             summary,
@@ -81,6 +84,31 @@ impl<'a> Classifier<'a> {
             return Found::At(loc);
         }
         self.blob(key, data)
+    }
+
+    /// A page the caller vouches is the parent's ([`CreateOptions::changed`]
+    /// leaves it out): its entry, taken from the parent's page table without
+    /// reading a byte. None for a page that must be classified.
+    pub(super) fn unchanged(
+        &mut self,
+        page: PageIndex,
+    ) -> Option<Result<(Location, u32), CreateError>> {
+        let (Some(changed), Some(parent)) = (self.changed, self.parent) else {
+            return None;
+        };
+        if changed.contains(page) {
+            return None;
+        }
+        self.summary.unchanged_pages += 1;
+        Some(match parent.try_entry(page) {
+            Ok(e) if e.source == PageSource::Zero => Ok((Location::Zero, e.crc)),
+            Ok(e) => Ok((Location::Parent(ParentIndex(0)), e.crc)),
+            Err(source) => Err(CreateError::ParentEntry {
+                page,
+                parent: parent.path().to_owned(),
+                source,
+            }),
+        })
     }
 
     /// The parent's same page has the same CRC, then the same bytes.

@@ -14,6 +14,13 @@
 //! 5. otherwise -> BLOB, stored once per distinct content (confirmed byte for
 //!    byte against the first page that had it).
 //!
+//! With a parent and [`CreateOptions::changed`] (a VMM's dirty log), a page
+//! outside that set is not read at all: it is the parent's page, so it becomes
+//! a PARENT entry (ZERO where the parent's page is zero) with the CRC from the
+//! parent's page table, and only the changed pages go through the steps above.
+//! That makes the checkpoint of a restored VM cost time in proportion to what
+//! it wrote, however much of its memory was never even fetched.
+//!
 //! Memory use is the page table (12 bytes a page) plus the two indexes; the
 //! guest image and raw disks are read through mmap and never copied whole.
 //! The output goes to an unguessable temporary file beside `out`
@@ -30,10 +37,11 @@ mod classify;
 use classify::{Classifier, Found};
 
 use crate::atomic_file::{self, AtomicFile};
-use crate::checkpoint::{Checkpoint, OpenError};
+use crate::checkpoint::{Checkpoint, MAX_PARENT_DEPTH, OpenError};
 use crate::disk::{DiskError, DiskImage};
 use crate::format::{self, CheckpointWriter, DiskRecord, Location, ParentRecord};
 use crate::memory::MemoryImage;
+use crate::pageset::PageSet;
 use crate::scan::{self, ContentIndex, IndexReport, ScanDisk, ScanOptions};
 use crate::types::{DiskIndex, DiskOffset, PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
 
@@ -65,6 +73,15 @@ pub struct CreateOptions {
     /// A checkpoint this one is made against: pages whose bytes equal the
     /// parent's same page become PARENT entries (nothing stored).
     pub parent: Option<PathBuf>,
+    /// With `parent`: the only pages that may differ from the parent's same page,
+    /// e.g. those a VMM's dirty log (plus its own writes into guest RAM) reports
+    /// written since the VM was restored from the parent. Every other page is
+    /// taken to be the parent's page and is never read: it becomes a PARENT
+    /// entry (ZERO where the parent's page is zero) carrying the parent's CRC.
+    /// The caller vouches for the set: a page it leaves out that did change is
+    /// checkpointed with the parent's bytes. None: every page is read and
+    /// compared with the parent's.
+    pub changed: Option<PageSet>,
     /// Opaque VMM state stored in the checkpoint.
     pub vmm_state: Option<Vec<u8>>,
     /// Permission bits of other inputs not opened here (e.g. the VMM-state
@@ -87,6 +104,9 @@ pub struct Summary {
     pub blob_pages: u64,
     /// Pages stored as PARENT references.
     pub parent_pages: u64,
+    /// Pages taken from the parent without being read ([`CreateOptions::changed`]
+    /// left them out); they are counted as PARENT or ZERO pages too.
+    pub unchanged_pages: u64,
     /// Distinct blobs stored.
     pub blobs_stored: u64,
     /// Hints whose content matched the disk.
@@ -135,6 +155,52 @@ pub enum CreateError {
     /// The parent checkpoint could not be used.
     #[error("cannot use the parent checkpoint")]
     Parent(#[source] OpenError),
+    /// One more link would make the parent's chain too long to open.
+    #[error(
+        "parent checkpoint {parent} ends a chain of {files} checkpoint files, the most a checkpoint may have: flatten it first (`ckptfs flatten`)"
+    )]
+    ParentChainTooLong {
+        /// The parent.
+        parent: PathBuf,
+        /// Files in its chain (itself and its ancestors).
+        files: usize,
+    },
+    /// A set of changed pages was given without a parent to take the others from.
+    #[error("a set of changed pages needs a parent checkpoint to take the other pages from")]
+    ChangedWithoutParent,
+    /// The set of changed pages is for a guest of another size.
+    #[error("the set of changed pages covers {set} pages, the memory image {pages}")]
+    ChangedSize {
+        /// Pages the set covers.
+        set: u64,
+        /// Pages of the memory image.
+        pages: u64,
+    },
+    /// A page left out of the changed set lies beyond the parent's guest memory.
+    #[error(
+        "{page} is not in the set of changed pages, but the parent checkpoint {parent} has only {parent_pages} pages"
+    )]
+    UnchangedBeyondParent {
+        /// The first such page.
+        page: PageIndex,
+        /// The parent.
+        parent: PathBuf,
+        /// Its page count.
+        parent_pages: u64,
+    },
+    /// A page left out of the changed set has an unusable entry in the parent.
+    #[error(
+        "{page} is not in the set of changed pages, but parent checkpoint {parent} cannot serve it"
+    )]
+    ParentEntry {
+        /// The page.
+        page: PageIndex,
+        /// The parent.
+        parent: PathBuf,
+        /// What is wrong with the parent's entry.
+        #[source]
+        source: crate::checkpoint::ReadError,
+    },
     /// Reading a disk for the content scan failed.
     #[error("reading disk image {path} for the content scan")]
     Scan {
@@ -245,6 +311,8 @@ fn create_from(
     let start = Instant::now();
     check_memory(input.mem, opts)?;
     let inputs = open_inputs(input, opts, out)?;
+    check_changed(input.mem, opts, &inputs)?;
+    log::debug!("create: inputs open after {:.1} ms", ms(start));
     let scan_disks: Vec<ScanDisk<'_>> = inputs
         .disks
         .iter()
@@ -261,19 +329,31 @@ fn create_from(
     let mut c = Classifier::new(input.mem, &scan_disks, index, opts, &inputs);
     let written = write_checkpoint(&mut c, input, &inputs, opts, file.file(), &bar);
     bar.finish_and_clear();
-    let size = written.map_err(|source| CreateError::Write {
-        path: out.to_owned(),
-        source,
+    log::debug!(
+        "create: pages classified and written after {:.1} ms",
+        ms(start)
+    );
+    let size = written.map_err(|e| match e {
+        Failed::Write(source) => CreateError::Write {
+            path: out.to_owned(),
+            source,
+        },
+        Failed::Create(e) => e,
     })?;
     file.sync().map_err(|source| CreateError::Fsync {
         path: out.to_owned(),
         source,
     })?;
+    log::debug!("create: flushed to disk after {:.1} ms", ms(start));
     file.commit().map_err(|source| CreateError::Rename {
         path: out.to_owned(),
         source,
     })?;
     Ok(c.finish(size, mode, start))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 fn check_memory(mem: &[u8], opts: &CreateOptions) -> Result<(), CreateError> {
@@ -293,11 +373,42 @@ fn check_memory(mem: &[u8], opts: &CreateOptions) -> Result<(), CreateError> {
     Ok(())
 }
 
+/// A set of changed pages needs a parent that has every page left out of it.
+fn check_changed(mem: &[u8], opts: &CreateOptions, inputs: &Inputs) -> Result<(), CreateError> {
+    let Some(changed) = &opts.changed else {
+        return Ok(());
+    };
+    let Some((parent, _)) = &inputs.parent else {
+        return Err(CreateError::ChangedWithoutParent);
+    };
+    let pages = (mem.len() / PAGE_SIZE) as u64;
+    if changed.pages() != pages {
+        return Err(CreateError::ChangedSize {
+            set: changed.pages(),
+            pages,
+        });
+    }
+    let parent_pages = parent.page_count();
+    if let Some(page) = (parent_pages..pages)
+        .map(PageIndex)
+        .find(|&p| !changed.contains(p))
+    {
+        return Err(CreateError::UnchangedBeyondParent {
+            page,
+            parent: parent.path().to_owned(),
+            parent_pages,
+        });
+    }
+    Ok(())
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
-/// Open the disks and the parent; refuse an output that is one of them.
+/// Open the disks and the parent; refuse an output that is one of them, or
+/// one of the parent's ancestors (replacing it would break the parent, and
+/// with it the new checkpoint).
 fn open_inputs(input: &Input<'_>, opts: &CreateOptions, out: &Path) -> Result<Inputs, CreateError> {
     let named = opts.disks.iter().chain(&opts.parent).map(|p| p.as_path());
     if let Some(p) = named.chain(input.path).find(|p| same_file(p, out)) {
@@ -322,6 +433,17 @@ fn open_inputs(input: &Input<'_>, opts: &CreateOptions, out: &Path) -> Result<In
                     source,
                 })
             })?;
+            if let Some(a) = ck.ancestors().iter().find(|a| same_file(a.path(), out)) {
+                return Err(CreateError::OutputIsInput(a.path().to_owned()));
+            }
+            // A chain of n files opens while n <= MAX_PARENT_DEPTH + 1.
+            let files = 1 + ck.ancestors().len();
+            if files > MAX_PARENT_DEPTH {
+                return Err(CreateError::ParentChainTooLong {
+                    parent: p.clone(),
+                    files,
+                });
+            }
             Some((ck, rec))
         }
     };
@@ -349,7 +471,15 @@ fn build_index(
         return Ok(None);
     }
     bar.set_message("indexing");
-    let built = scan::build::build(disks, input.mem, input.holes, &opts.scan, &|n| bar.inc(n));
+    // With a set of changed pages, sampling memory to detect phases would read
+    // pages that must not be read: index the structural and aligned phases only
+    // (the whole guest passed as a "hole" leaves the sampler nothing to read).
+    let everything = 0..(input.mem.len() / PAGE_SIZE) as u64;
+    let holes = match opts.changed {
+        Some(_) => std::slice::from_ref(&everything),
+        None => input.holes,
+    };
+    let built = scan::build::build(disks, input.mem, holes, &opts.scan, &|n| bar.inc(n));
     built.map(Some).map_err(|source| CreateError::Scan {
         // The scan reads disks in order; name them all if we cannot tell which.
         path: disks
@@ -391,6 +521,20 @@ fn progress_bar(opts: &CreateOptions, disks: &[DiskImage], mem: u64) -> indicati
     bar
 }
 
+/// Why streaming the checkpoint out stopped.
+enum Failed {
+    /// Writing the file failed.
+    Write(io::Error),
+    /// Something else, already named.
+    Create(CreateError),
+}
+
+impl From<io::Error> for Failed {
+    fn from(e: io::Error) -> Self {
+        Failed::Write(e)
+    }
+}
+
 /// Classify every page and stream the checkpoint into `file`; returns its size.
 fn write_checkpoint(
     c: &mut Classifier<'_>,
@@ -399,7 +543,7 @@ fn write_checkpoint(
     opts: &CreateOptions,
     file: &mut std::fs::File,
     bar: &indicatif::ProgressBar,
-) -> io::Result<u64> {
+) -> Result<u64, Failed> {
     let pages = (input.mem.len() / PAGE_SIZE) as u64;
     let parents: Vec<ParentRecord> = inputs.parent.iter().map(|(_, r)| r.clone()).collect();
     let mut w = CheckpointWriter::new(file, pages, &inputs.records, &parents)?;
@@ -411,6 +555,11 @@ fn write_checkpoint(
             // A hole of a sparse image: zero without faulting the page in.
             c.summary.zero_pages += 1;
             w.push(Location::Zero, format::zero_page_crc());
+        } else if let Some(from_parent) = c.unchanged(page) {
+            // Not read: `data` is never dereferenced for such a page.
+            let (loc, crc) = from_parent.map_err(Failed::Create)?;
+            c.count(loc);
+            w.push(loc, crc);
         } else {
             let crc = crc32fast::hash(data);
             let loc = match c.classify(page, data, crc) {

@@ -67,12 +67,15 @@ pub enum BlockError {
     /// The overlay from a saved state is malformed.
     #[error("disk overlay in the saved state: {0}")]
     BadOverlay(String),
+    /// The I/O-tracking map from a saved state is malformed.
+    #[error("I/O-tracking map in the saved state: {0}")]
+    BadTracking(String),
 }
 
 /// Source of the guest's dirty-page bitmap (KVM_GET_DIRTY_LOG, which also clears it).
 pub trait DirtyLog {
     /// Pages written by the guest since the last call, one bit per page.
-    fn harvest(&self) -> io::Result<Vec<u64>>;
+    fn harvest(&mut self) -> io::Result<Vec<u64>>;
 }
 
 /// A parsed block request.
@@ -177,7 +180,7 @@ impl BlockDevice {
         &mut self,
         mem: &mut GuestMemory,
         desc: u64,
-        dirty: &dyn DirtyLog,
+        dirty: &mut dyn DirtyLog,
     ) -> Result<(), BlockError> {
         let Some(req) = read_request(mem, desc) else {
             log::warn!("block: request descriptor at {desc:#x} is outside guest RAM");
@@ -213,7 +216,7 @@ impl BlockDevice {
         &mut self,
         mem: &mut GuestMemory,
         req: &Request,
-        dirty: &dyn DirtyLog,
+        dirty: &mut dyn DirtyLog,
     ) -> Result<(), BlockError> {
         self.reads += 1;
         // Dirty bits so far describe the buffer's old contents: apply them before the pread
@@ -299,7 +302,7 @@ mod tests {
     struct FakeDirty(RefCell<Vec<u64>>);
 
     impl DirtyLog for FakeDirty {
-        fn harvest(&self) -> io::Result<Vec<u64>> {
+        fn harvest(&mut self) -> io::Result<Vec<u64>> {
             Ok(std::mem::replace(&mut *self.0.borrow_mut(), vec![0; 16]))
         }
     }
@@ -316,7 +319,7 @@ mod tests {
         dev: &mut BlockDevice,
         mem: &mut GuestMemory,
         req: Request,
-        dirty: &FakeDirty,
+        dirty: &mut FakeDirty,
     ) -> u32 {
         let desc = 0x8000;
         mem.write(desc, &req.op.to_le_bytes()).unwrap();
@@ -351,9 +354,9 @@ mod tests {
         let mut dev = BlockDevice::open(img.path(), true).unwrap();
         let mut mem = GuestMemory::anonymous(4 * MIB).unwrap();
         // Pages 0x20 and 0x21 were dirty before the read: that must not drop the new mappings.
-        let dirty = FakeDirty(RefCell::new(vec![0, 0b11, 0, 0]));
+        let mut dirty = FakeDirty(RefCell::new(vec![0, 0b11, 0, 0]));
         assert_eq!(
-            submit(&mut dev, &mut mem, read(4096, 0x20000, 8192), &dirty),
+            submit(&mut dev, &mut mem, read(4096, 0x20000, 8192), &mut dirty),
             abi::BLOCK_STATUS_OK
         );
         assert_eq!(mem.range(0x20000, 1).unwrap()[0], 2);
@@ -368,8 +371,8 @@ mod tests {
         let img = disk(8);
         let mut dev = BlockDevice::open(img.path(), true).unwrap();
         let mut mem = GuestMemory::anonymous(4 * MIB).unwrap();
-        let dirty = FakeDirty(RefCell::new(vec![0; 16]));
-        submit(&mut dev, &mut mem, read(0, 0x10000, 4096), &dirty);
+        let mut dirty = FakeDirty(RefCell::new(vec![0; 16]));
+        submit(&mut dev, &mut mem, read(0, 0x10000, 4096), &mut dirty);
         mem.write(0x30000, &[9u8; 4096]).unwrap();
         let write = Request {
             op: abi::BLOCK_OP_WRITE,
@@ -378,13 +381,13 @@ mod tests {
             len: 4096,
         };
         assert_eq!(
-            submit(&mut dev, &mut mem, write, &dirty),
+            submit(&mut dev, &mut mem, write, &mut dirty),
             abi::BLOCK_STATUS_OK
         );
         assert!(dev.tracker().unwrap().is_empty());
         // The image is untouched; a re-read sees the overlay and records nothing.
         assert_eq!(std::fs::read(img.path()).unwrap()[0], 1);
-        submit(&mut dev, &mut mem, read(0, 0x40000, 8192), &dirty);
+        submit(&mut dev, &mut mem, read(0, 0x40000, 8192), &mut dirty);
         assert_eq!(mem.range(0x40000, 1).unwrap()[0], 9);
         assert_eq!(mem.range(0x41000, 1).unwrap()[0], 2);
         let pages: Vec<_> = dev
@@ -402,14 +405,14 @@ mod tests {
         let img = disk(2);
         let mut dev = BlockDevice::open(img.path(), true).unwrap();
         let mut mem = GuestMemory::anonymous(4 * MIB).unwrap();
-        let dirty = FakeDirty(RefCell::new(vec![0; 16]));
+        let mut dirty = FakeDirty(RefCell::new(vec![0; 16]));
         for req in [
             read(4096, 0x10000, 8192),
             read(100, 0x10000, 4096),
             read(0, 4 * MIB - 4096, 8192),
         ] {
             assert_eq!(
-                submit(&mut dev, &mut mem, req, &dirty),
+                submit(&mut dev, &mut mem, req, &mut dirty),
                 abi::BLOCK_STATUS_ERROR
             );
         }

@@ -9,6 +9,7 @@ use crate::driver::WorkLimit;
 use crate::guest::{DesktopParams, Workload};
 use crate::restore::{MemorySource, RestoreOptions};
 use crate::run::RunOptions;
+use crate::save::{ParentChoice, SaveOptions};
 
 /// The vmm-lite command line.
 #[derive(Parser)]
@@ -147,11 +148,40 @@ struct RestoreArgs {
     #[arg(long)]
     disk: PathBuf,
     /// Requests (READ, or WORK with --writes) before the final CHECK [default: 1000].
-    #[arg(long, conflicts_with = "duration")]
+    #[arg(long, conflicts_with_all = ["duration", "checkpoint_after"])]
     requests: Option<u64>,
     /// Serve requests for this many seconds (from the first request) instead.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint_after")]
     duration: Option<f64>,
+    /// After the final CHECK, checkpoint the VM into this file: incremental, against the
+    /// checkpoint it was restored from (see --parent-ckpt), unless --full-checkpoint.
+    #[arg(short = 'o', long, value_name = "NEXT_CKPT")]
+    out: Option<PathBuf>,
+    /// Serve requests for this many seconds, then CHECK and checkpoint into -o (the same as
+    /// --duration with -o).
+    #[arg(long, value_name = "SECONDS", requires = "out")]
+    checkpoint_after: Option<f64>,
+    /// The checkpoint the VM was restored from, the parent of -o's [default: the --ckpt
+    /// restored from, or the checkpoint a ckptfs mount serves (its `stats` file, beside
+    /// --mem-file)]. Its state section must be the state the VM resumes from.
+    #[arg(
+        long,
+        value_name = "CKPT",
+        requires = "out",
+        conflicts_with = "full_checkpoint"
+    )]
+    parent_ckpt: Option<PathBuf>,
+    /// Write -o as a full checkpoint (every page classified), not an incremental one.
+    #[arg(long, requires = "out")]
+    full_checkpoint: bool,
+    /// After the final CHECK (and -o), also write guest RAM as a raw dump and flush it
+    /// (timed: the report's raw_save_ms, what a full snapshot costs without ckptfs).
+    #[arg(long, value_name = "FILE")]
+    raw_out: Option<PathBuf>,
+    /// Before its other requests, the guest writes this share of its RAM (percent; DIRTY
+    /// requests, one word a page, each page once).
+    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
+    dirty_pct: f64,
     /// Send WORK requests, which modify guest memory, instead of side-effect-free READ
     /// requests (the final CHECK then differs from the checkpoint's).
     #[arg(long)]
@@ -237,10 +267,24 @@ fn restore(args: RestoreArgs, origin: Instant) -> anyhow::Result<()> {
         (None, Some(ckpt)) => MemorySource::Checkpoint(ckpt),
         (None, None) => anyhow::bail!("give --mem-file or --ckpt"),
     };
-    let limit = match (args.requests, args.duration) {
+    let limit = match (args.requests, args.duration.or(args.checkpoint_after)) {
         (_, Some(secs)) => crate::restore::duration_limit(secs),
         (n, None) => WorkLimit::Count(n.unwrap_or(1000)),
     };
+    if !(0.0..=100.0).contains(&args.dirty_pct) {
+        anyhow::bail!(
+            "--dirty-pct {} is not a percentage (0 to 100)",
+            args.dirty_pct
+        );
+    }
+    let checkpoint = args.out.map(|out| SaveOptions {
+        out,
+        parent: match (args.parent_ckpt, args.full_checkpoint) {
+            (_, true) => ParentChoice::Full,
+            (Some(p), false) => ParentChoice::Path(p),
+            (None, false) => ParentChoice::FromRestore,
+        },
+    });
     let opts = RestoreOptions {
         memory,
         state: args.state,
@@ -251,6 +295,9 @@ fn restore(args: RestoreArgs, origin: Instant) -> anyhow::Result<()> {
         request_seed: args.request_seed,
         zero_ranges: args.zero_ranges,
         touched_out: args.touched_out,
+        dirty_pct: args.dirty_pct,
+        checkpoint,
+        raw_out: args.raw_out,
         origin,
     };
     let report = crate::restore::restore(&opts)?;

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::abi;
 
+/// Pages one DIRTY request writes at most (about a second of guest time at 1 µs an
+/// instruction, so the VMM still sees the request boundaries it harvests the dirty log at).
+pub const DIRTY_BATCH: u64 = 16384;
+
 /// How many WORK requests to run before the final CHECK.
 #[derive(Clone, Copy, Debug)]
 pub enum WorkLimit {
@@ -48,6 +52,7 @@ pub struct PlanDriver {
     origin: Instant,
     keep_timeline: bool,
     pure: bool,
+    dirty_left: u64,
     pause_before_check: bool,
     paused_before_check: bool,
     first_request: Option<Instant>,
@@ -69,6 +74,7 @@ impl PlanDriver {
             origin,
             keep_timeline,
             pure: false,
+            dirty_left: 0,
             pause_before_check: false,
             paused_before_check: false,
             first_request: None,
@@ -85,6 +91,14 @@ impl PlanDriver {
     /// Issue READ requests (no guest side effects) instead of WORK.
     pub fn pure(mut self, pure: bool) -> Self {
         self.pure = pure;
+        self
+    }
+
+    /// Start with DIRTY requests that make the guest write `pages` heap pages (in batches
+    /// of at most [`DIRTY_BATCH`]), before its WORK or READ requests. They count in a
+    /// duration limit but not as work; the timeline shows them as kind "dirty".
+    pub fn dirty(mut self, pages: u64) -> Self {
+        self.dirty_left = pages;
         self
     }
 
@@ -166,6 +180,13 @@ impl Driver for PlanDriver {
     fn next_request(&mut self) -> u32 {
         let now = Instant::now();
         self.first_request.get_or_insert(now);
+        if self.dirty_left > 0 {
+            let n = self.dirty_left.min(DIRTY_BATCH);
+            self.dirty_left -= n;
+            let code = abi::REQ_DIRTY | (n as u32) << abi::REQ_ARG_SHIFT;
+            self.issued = Some((code, now));
+            return code;
+        }
         // When pausing before the CHECK, completed() alone decides when the work ends (a
         // duration could run out between its pause and this call).
         let work = if self.pause_before_check && self.plans_work() {
@@ -190,10 +211,10 @@ impl Driver for PlanDriver {
         };
         let latency_ns = self.nanos_since(issued, now);
         let i = self.work_done + u64::from(self.check.is_some());
-        let kind = if code == abi::REQ_CHECK {
-            "check"
-        } else {
-            "work"
+        let kind = match code & abi::REQ_CODE_MASK {
+            abi::REQ_CHECK => "check",
+            abi::REQ_DIRTY => "dirty",
+            _ => "work",
         };
         if self.keep_timeline {
             let t_ns = self.nanos_since(self.origin, now);
@@ -209,6 +230,9 @@ impl Driver for PlanDriver {
             self.check = Some(response);
             self.check_latency_ns = latency_ns;
             return false;
+        }
+        if kind == "dirty" {
+            return true;
         }
         self.latencies_ns.push(latency_ns);
         self.work_done += 1;
@@ -295,6 +319,28 @@ mod tests {
         assert!(!d.completed(7));
         assert_eq!(d.check(), Some(7));
         assert!(!PlanDriver::new(WorkLimit::Count(0), Instant::now(), false).plans_work());
+    }
+
+    #[test]
+    fn dirty_requests_come_first_in_batches_and_are_not_work() {
+        let mut d =
+            PlanDriver::new(WorkLimit::Count(1), Instant::now(), true).dirty(DIRTY_BATCH + 5);
+        let arg = |code: u32| code >> abi::REQ_ARG_SHIFT;
+        let first = d.next_request();
+        assert_eq!(
+            (first & abi::REQ_CODE_MASK, arg(first)),
+            (abi::REQ_DIRTY, 16384)
+        );
+        assert!(d.completed(16384));
+        assert_eq!(d.next_request(), abi::REQ_DIRTY | 5 << abi::REQ_ARG_SHIFT);
+        assert!(d.completed(16389));
+        assert_eq!(d.next_request(), abi::REQ_WORK);
+        assert!(d.completed(1));
+        assert_eq!(d.next_request(), abi::REQ_CHECK);
+        assert!(!d.completed(9));
+        assert_eq!(d.work_done(), 1);
+        let kinds: Vec<_> = d.completions().iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, vec!["dirty", "dirty", "work", "check"]);
     }
 
     #[test]

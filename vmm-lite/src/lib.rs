@@ -6,7 +6,8 @@
 //! saves the vCPU and device state ([`state`]) and writes the checkpoint with
 //! `ckptfs::create` (hints from [`tracking`]); [`restore::restore`] maps a memory file
 //! (`MAP_PRIVATE`: a ckptfs FUSE mount's `memory` file or a raw dump), or copies it eagerly,
-//! resumes the vCPU and drives requests ([`driver`]).
+//! resumes the vCPU and drives requests ([`driver`]); with `-o` it then checkpoints the
+//! restored VM, incrementally against the checkpoint it came from ([`save`]).
 //!
 //! The guest ([`guest`], source in vmm-lite/guest) sees this machine (see [`abi`]):
 //! - RAM at guest physical 0, identity mapped with 2 MiB pages up to 4 GiB; boot info at
@@ -60,6 +61,7 @@ pub mod memory;
 pub mod mkdisk;
 pub mod restore;
 pub mod run;
+pub mod save;
 pub mod state;
 pub mod touched;
 pub mod tracking;

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
+use ckptfs::PageSet;
 use kvm_ioctls::{VcpuExit, VmFd};
 
 use crate::abi;
@@ -85,17 +86,23 @@ pub enum MachineError {
     DirtyLog(#[source] io::Error),
 }
 
-/// KVM_GET_DIRTY_LOG on the RAM slot.
+/// KVM_GET_DIRTY_LOG on the RAM slot; every harvest is also added to `seen` (KVM clears
+/// its bitmap on each harvest, and an incremental checkpoint needs every write since the
+/// start).
 struct KvmDirtyLog<'a> {
     vm: &'a VmFd,
     size: u64,
+    seen: &'a mut PageSet,
 }
 
 impl DirtyLog for KvmDirtyLog<'_> {
-    fn harvest(&self) -> io::Result<Vec<u64>> {
-        self.vm
+    fn harvest(&mut self) -> io::Result<Vec<u64>> {
+        let bitmap = self
+            .vm
             .get_dirty_log(RAM_SLOT, self.size as usize)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        self.seen.insert_words(&bitmap);
+        Ok(bitmap)
     }
 }
 
@@ -148,6 +155,19 @@ pub struct Machine {
     requests_served: u64,
     /// Flag the next request with `REQ_NEW_SESSION` (set by a restore).
     new_session: bool,
+    /// Pages KVM's dirty log reported written since the machine started (tracking only).
+    guest_written: PageSet,
+}
+
+/// The pages a machine wrote since it started ([`Machine::written_pages`]).
+#[derive(Clone, Debug)]
+pub struct WrittenPages {
+    /// Pages KVM's dirty log reported (the guest's writes, page-table updates included).
+    pub by_guest: u64,
+    /// Pages this VMM wrote into guest RAM.
+    pub by_vmm: u64,
+    /// Both.
+    pub all: PageSet,
 }
 
 /// What the guest was booted with (saved with the state, informational).
@@ -206,6 +226,12 @@ impl Machine {
             .map(|(&o, d)| (ckptfs::DiskOffset(o), d))
             .collect();
         block.load_overlay(&blocks)?;
+        let ram_pages = mem.size() / abi::PAGE_SIZE;
+        if let Some(tracker) = block.tracker_mut() {
+            tracker
+                .load_runs(&dev.io_tracking, ram_pages, dev.disk_size)
+                .map_err(BlockError::BadTracking)?;
+        }
         let tracking = block.tracker().is_some();
         let kvm = KvmVm::new(&mut mem, tracking)?;
         kvm.restore(&state.vcpu)?;
@@ -226,6 +252,7 @@ impl Machine {
         guest: GuestInfo,
         requests_served: u64,
     ) -> Self {
+        let pages = mem.size() / abi::PAGE_SIZE;
         Machine {
             kvm,
             mem,
@@ -237,6 +264,7 @@ impl Machine {
             guest,
             requests_served,
             new_session: false,
+            guest_written: PageSet::new(pages),
         }
     }
 
@@ -330,11 +358,12 @@ impl Machine {
     }
 
     fn on_block_request(&mut self, desc: u64) -> Result<(), MachineError> {
-        let dirty = KvmDirtyLog {
+        let mut dirty = KvmDirtyLog {
             vm: &self.kvm.vm,
             size: self.mem.size(),
+            seen: &mut self.guest_written,
         };
-        self.block.handle(&mut self.mem, desc, &dirty)?;
+        self.block.handle(&mut self.mem, desc, &mut dirty)?;
         Ok(())
     }
 
@@ -406,11 +435,35 @@ impl Machine {
         let bitmap = KvmDirtyLog {
             vm: &self.kvm.vm,
             size: self.mem.size(),
+            seen: &mut self.guest_written,
         }
         .harvest()
         .map_err(MachineError::DirtyLog)?;
         let tracker = self.block.tracker_mut().expect("tracking is on");
         Ok(tracker.apply_dirty_bitmap(&bitmap))
+    }
+
+    /// Whether KVM logs the guest's writes (the disk was opened with tracking).
+    pub fn tracking(&self) -> bool {
+        self.tracking
+    }
+
+    /// Every page written since the machine started, by the guest (KVM's dirty log, as of
+    /// the last [`Self::harvest_dirty_log`]) or by this VMM (a disk read into guest RAM, a
+    /// device's result, the session seed); the guest RAM's writes must be tracked from the
+    /// start ([`GuestMemory::track_writes`]). None without dirty logging or write tracking.
+    pub fn written_pages(&self) -> Option<WrittenPages> {
+        let by_vmm = self.mem.written()?;
+        if !self.tracking {
+            return None;
+        }
+        let mut all = self.guest_written.clone();
+        all.union(by_vmm);
+        Some(WrittenPages {
+            by_guest: self.guest_written.count(),
+            by_vmm: by_vmm.count(),
+            all,
+        })
     }
 
     /// The VMM state of a paused machine (call after [`Self::run`] returned).
@@ -426,6 +479,7 @@ impl Machine {
             disk_path: self.block.path().display().to_string(),
             overlay_offsets,
             requests_served: self.requests_served,
+            io_tracking: self.block.tracker().map(|t| t.runs()).unwrap_or_default(),
         };
         let vcpu = self.kvm.save()?;
         let binding = binding::record(&self.mem, vcpu.regs.rsp);

@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ckptfs::PageSet;
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::abi;
@@ -101,6 +102,11 @@ file shrank or the FUSE daemon serving it stopped\n";
 /// Guest RAM at guest physical address 0, `size` bytes long.
 pub struct GuestMemory {
     map: MmapMut,
+    /// Pages this VMM wrote through [`Self::range_mut`], [`Self::write`] or
+    /// [`Self::as_mut_slice`] since [`Self::track_writes`] (None: not tracked).
+    /// KVM's dirty log does not see them (a `pread` into guest RAM, a device
+    /// writing a result), so an incremental checkpoint needs both.
+    written: Option<PageSet>,
 }
 
 /// Checks that `size` is a RAM size the page tables and the workloads support.
@@ -120,7 +126,7 @@ impl GuestMemory {
             .len(size as usize)
             .map_anon()
             .map_err(|source| MemoryError::Anonymous { size, source })?;
-        Ok(GuestMemory { map })
+        Ok(GuestMemory { map, written: None })
     }
 
     /// Opens `path` and checks that it holds at least `size` bytes.
@@ -158,7 +164,7 @@ impl GuestMemory {
                     source,
                 }
             })?;
-        Ok(GuestMemory { map })
+        Ok(GuestMemory { map, written: None })
     }
 
     /// Replaces guest pages `pages` with fresh anonymous zero pages (`MAP_FIXED` over this
@@ -228,9 +234,25 @@ impl GuestMemory {
         &self.map
     }
 
-    /// All of guest RAM, writable (same caveat as [`Self::as_slice`]).
+    /// All of guest RAM, writable (same caveat as [`Self::as_slice`]). Counts every page
+    /// as written when writes are tracked.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if let Some(w) = &mut self.written {
+            w.insert_range(0..w.pages());
+        }
         &mut self.map
+    }
+
+    /// From now on, remember which pages this VMM writes (see [`Self::written`]).
+    /// Writes through [`Self::host_addr`] are not seen: that is KVM's, whose own dirty log
+    /// covers them.
+    pub fn track_writes(&mut self) {
+        self.written = Some(PageSet::new(self.size() / abi::PAGE_SIZE));
+    }
+
+    /// Pages this VMM wrote since [`Self::track_writes`] (None if not tracked).
+    pub fn written(&self) -> Option<&PageSet> {
+        self.written.as_ref()
     }
 
     /// `len` bytes at guest physical address `addr`, or None when the range is not RAM.
@@ -241,10 +263,16 @@ impl GuestMemory {
     }
 
     /// Writable `len` bytes at guest physical address `addr`, or None when not RAM.
+    /// Counts the pages it covers as written when writes are tracked.
     pub fn range_mut(&mut self, addr: u64, len: u64) -> Option<&mut [u8]> {
         let end = addr.checked_add(len)?;
-        self.map
-            .get_mut(usize::try_from(addr).ok()?..usize::try_from(end).ok()?)
+        let bytes = self
+            .map
+            .get_mut(usize::try_from(addr).ok()?..usize::try_from(end).ok()?)?;
+        if let (Some(w), false) = (&mut self.written, len == 0) {
+            w.insert_range(addr / abi::PAGE_SIZE..(end - 1) / abi::PAGE_SIZE + 1);
+        }
+        Some(bytes)
     }
 
     /// Reads a little-endian u64 at `addr` (None when not RAM).
@@ -318,6 +346,21 @@ mod tests {
         f.write_all(&data).unwrap();
         let mem = GuestMemory::copy_file(f.path(), 4 * MIB).unwrap();
         assert_eq!(mem.as_slice(), &data[..]);
+    }
+
+    #[test]
+    fn writes_by_the_vmm_are_tracked_once_asked() {
+        let mut mem = GuestMemory::anonymous(4 * MIB).unwrap();
+        mem.write(0, &[1]).unwrap();
+        assert!(mem.written().is_none());
+        mem.track_writes();
+        mem.write(4096 * 3 + 4090, &[1; 8]).unwrap();
+        mem.range_mut(4096 * 9, 4096).unwrap();
+        let _ = mem.range(4096 * 20, 4096);
+        let pages: Vec<u64> = mem.written().unwrap().iter().map(|p| p.0).collect();
+        assert_eq!(pages, vec![3, 4, 9]);
+        mem.as_mut_slice();
+        assert_eq!(mem.written().unwrap().count(), 1024);
     }
 
     #[test]

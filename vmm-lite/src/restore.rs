@@ -29,6 +29,7 @@ use crate::driver::{Completion, LatencyStats, PlanDriver, WorkLimit};
 use crate::machine::{Machine, MachineError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::run::hex;
+use crate::save::{self, Parent, ParentChoice, SaveError, SaveOptions, SaveReport};
 use crate::state::{self, StateError, VmState};
 use crate::touched::{self, Touched, TouchedError};
 use crate::zeroranges::{self, ZeroRangesError, ZeroRangesReport};
@@ -85,6 +86,13 @@ pub struct RestoreOptions {
     pub zero_ranges: Option<PathBuf>,
     /// Where to write the guest pages faulted in before the CHECK (with `MemorySource::Map`).
     pub touched_out: Option<PathBuf>,
+    /// Share of guest RAM, in percent, the guest writes (DIRTY requests) before its other
+    /// requests.
+    pub dirty_pct: f64,
+    /// Checkpoint the VM after the CHECK (`-o`), incremental or full.
+    pub checkpoint: Option<SaveOptions>,
+    /// After the CHECK (and the checkpoint), write guest RAM here as a raw dump.
+    pub raw_out: Option<PathBuf>,
     /// Start of the command: timestamps count from here.
     pub origin: Instant,
 }
@@ -126,6 +134,14 @@ pub struct RestoreReport {
     /// Guest pages faulted in before the CHECK (with `--touched-out`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub touched_pages: Option<u64>,
+    /// Pages the guest was asked to write with DIRTY requests (`--dirty-pct`).
+    pub dirty_pages: u64,
+    /// The checkpoint written after the CHECK (`-o`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<SaveReport>,
+    /// Time to write and flush the raw dump (`--raw-out`), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_save_ms: Option<f64>,
 }
 
 /// Bytes `read_pages` rebuilt, by source.
@@ -204,15 +220,15 @@ pub enum RestoreError {
     /// Running the VM.
     #[error(transparent)]
     Machine(#[from] MachineError),
-    /// Opening the checkpoint failed.
-    #[error("checkpoint {path}: cannot open")]
-    CheckpointOpen {
-        /// The checkpoint.
-        path: PathBuf,
-        /// The library error.
-        #[source]
-        source: ckptfs::checkpoint::OpenError,
-    },
+    /// Opening the checkpoint failed (the library's error names it).
+    #[error(transparent)]
+    CheckpointOpen(ckptfs::checkpoint::OpenError),
+    /// `--raw-out` names the memory file itself.
+    #[error("raw dump {0} is the memory file the VM runs on; refusing to overwrite it")]
+    RawOutIsMemory(PathBuf),
+    /// Checkpointing the restored VM (`-o`).
+    #[error(transparent)]
+    Save(#[from] SaveError),
     /// Rebuilding pages from the checkpoint failed.
     #[error("checkpoint {path}: rebuilding guest RAM")]
     CheckpointRead {
@@ -253,13 +269,23 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         MemorySource::Checkpoint(path) => Some(open_checkpoint(path)?),
         _ => None,
     };
-    let state = load_state(opts, checkpoint.as_ref())?;
-    let block = BlockDevice::open(&opts.disk, false)?;
+    refuse_raw_out_over_memory(opts)?;
+    let raw_state = read_state(opts, checkpoint.as_ref())?;
+    let state = decode_state(&raw_state)?;
+    let parent = checked_parent(opts, &raw_state, state.devices.mem_size)?;
+    // A checkpoint of the restored VM needs its writes: KVM's dirty log (on with tracking)
+    // and this VMM's own (GuestMemory::track_writes, from the moment RAM is loaded).
+    let save = opts.checkpoint.is_some();
+    let block = BlockDevice::open(&opts.disk, save)?;
     block.check_size(state.devices.disk_size)?;
     memory::report_sigbus();
     let memory_started = Instant::now();
     let (mut mem, rebuilt) = load_memory(opts, &state, checkpoint.as_ref())?;
     let memory_ms = memory_started.elapsed().as_secs_f64() * 1e3;
+    if save {
+        mem.track_writes();
+    }
+    drop(checkpoint);
     let (zero_report, zero_runs) = match &opts.zero_ranges {
         Some(path) => {
             let (report, runs) = zeroranges::apply(&mut mem, path)?;
@@ -280,8 +306,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ms_since(opts.origin, resumed)
     );
 
+    let dirty_pages = dirty_pages(opts.dirty_pct, state.devices.mem_size);
     let mut driver = PlanDriver::new(opts.limit, opts.origin, true)
         .pure(!opts.writes)
+        .dirty(dirty_pages)
         .pause_before_check(touched.is_some());
     let touched_pages = serve(&mut machine, &mut driver, touched.as_ref(), opts)?;
     if let Some(path) = &opts.timeline {
@@ -290,7 +318,43 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let mut report = report(opts, &state, memory_ms, resumed, &driver, &machine, rebuilt);
     report.zero_ranges = zero_report;
     report.touched_pages = touched_pages;
+    report.dirty_pages = dirty_pages;
+    save_outputs(&mut machine, opts, parent.as_ref(), &mut report)?;
     Ok(report)
+}
+
+/// `--raw-out` over the memory file the VM runs on would truncate its RAM under it.
+fn refuse_raw_out_over_memory(opts: &RestoreOptions) -> Result<(), RestoreError> {
+    if let (Some(raw), MemorySource::Map(m) | MemorySource::Eager(m)) =
+        (&opts.raw_out, &opts.memory)
+        && matches!((raw.canonicalize(), m.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    {
+        return Err(RestoreError::RawOutIsMemory(raw.clone()));
+    }
+    Ok(())
+}
+
+/// After the CHECK: the checkpoint (`-o`), then the raw dump (`--raw-out`).
+fn save_outputs(
+    machine: &mut Machine,
+    opts: &RestoreOptions,
+    parent: Option<&Parent>,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    if let Some(save) = &opts.checkpoint {
+        let saved = save::checkpoint(machine, &opts.disk, &save.out, parent)?;
+        report.checkpoint = Some(saved);
+    }
+    if let Some(path) = &opts.raw_out {
+        report.raw_save_ms = Some(save::raw_dump(machine, path)?);
+    }
+    Ok(())
+}
+
+/// Pages `--dirty-pct` asks the guest to write: that share of guest RAM, in pages.
+fn dirty_pages(pct: f64, mem_size: u64) -> u64 {
+    let pages = mem_size / crate::abi::PAGE_SIZE;
+    ((pct.clamp(0.0, 100.0) / 100.0) * pages as f64).round() as u64
 }
 
 /// Runs the plan; with `touched`, writes the pages faulted in before the CHECK (which reads
@@ -385,33 +449,71 @@ fn report(
         request_seed: opts.request_seed,
         zero_ranges: None,
         touched_pages: None,
+        dirty_pages: 0,
+        checkpoint: None,
+        raw_save_ms: None,
     }
 }
 
 fn open_checkpoint(path: &Path) -> Result<Checkpoint, RestoreError> {
-    Checkpoint::open(path).map_err(|source| RestoreError::CheckpointOpen {
-        path: path.to_owned(),
-        source,
-    })
+    Checkpoint::open(path).map_err(RestoreError::CheckpointOpen)
 }
 
-fn load_state(
+/// The VMM state as stored, and where it came from ("file <path>" or "section of
+/// checkpoint <path>").
+struct RawState {
+    bytes: Vec<u8>,
+    origin: String,
+}
+
+fn read_state(
     opts: &RestoreOptions,
     checkpoint: Option<&Checkpoint>,
-) -> Result<VmState, RestoreError> {
+) -> Result<RawState, RestoreError> {
     if let Some(path) = &opts.state {
         let bytes = std::fs::read(path).map_err(|source| RestoreError::StateRead {
             path: path.clone(),
             source,
         })?;
         let origin = format!("file {}", path.display());
-        return state::decode(&bytes).map_err(|source| RestoreError::State { origin, source });
+        return Ok(RawState { bytes, origin });
     }
     let (Some(ckpt), MemorySource::Checkpoint(path)) = (checkpoint, &opts.memory) else {
         return Err(RestoreError::NoState);
     };
-    let origin = format!("section of checkpoint {}", path.display());
-    state::decode(ckpt.vmm_state()).map_err(|source| RestoreError::State { origin, source })
+    Ok(RawState {
+        bytes: ckpt.vmm_state().to_vec(),
+        origin: format!("section of checkpoint {}", path.display()),
+    })
+}
+
+fn decode_state(raw: &RawState) -> Result<VmState, RestoreError> {
+    state::decode(&raw.bytes).map_err(|source| RestoreError::State {
+        origin: raw.origin.clone(),
+        source,
+    })
+}
+
+/// The parent of the checkpoint `-o` asks for, checked before the VM resumes (None for a
+/// full checkpoint, or without `-o`).
+fn checked_parent(
+    opts: &RestoreOptions,
+    raw: &RawState,
+    mem_size: u64,
+) -> Result<Option<Parent>, RestoreError> {
+    let Some(save) = &opts.checkpoint else {
+        return Ok(None);
+    };
+    let path = match (&save.parent, &opts.memory) {
+        (ParentChoice::Full, _) => return Ok(None),
+        (ParentChoice::Path(p), _) => p.clone(),
+        (ParentChoice::FromRestore, MemorySource::Checkpoint(p)) => p.clone(),
+        (ParentChoice::FromRestore, MemorySource::Map(m) | MemorySource::Eager(m)) => {
+            save::mount_checkpoint(m)?.ok_or_else(|| SaveError::NoParent(m.clone()))?
+        }
+    };
+    let parent = Parent::check(&path, &save.out, &raw.bytes, &raw.origin, mem_size)?;
+    Ok(Some(parent))
 }
 
 fn load_memory(

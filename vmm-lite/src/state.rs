@@ -12,6 +12,7 @@
 //! 24          8     B = length of the overlay data (4096 x overlay blocks)
 //! 32          J     JSON {"vcpu": VcpuState, "devices": DeviceState,
 //!                         "binding": [{"page", "crc32"}, ...]}
+//!                   (devices.io_tracking: the I/O-tracking map as runs, optional)
 //! 32 + J      B     disk overlay blocks, in the order of devices.overlay_offsets
 //! ```
 //!
@@ -63,6 +64,12 @@ pub struct DeviceState {
     pub overlay_offsets: Vec<u64>,
     /// Requests the guest completed before the state was saved.
     pub requests_served: u64,
+    /// The I/O-tracking map (guest pages that hold an unmodified disk block), as runs
+    /// `[first page, its disk offset, pages]`; restored with the state so a checkpoint of
+    /// the restored VM still gets its disk references as hints. Absent in states saved
+    /// before it existed (and with tracking off): an empty map.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub io_tracking: Vec<[u64; 3]>,
 }
 
 /// The whole VMM state.
@@ -239,6 +246,7 @@ mod tests {
             disk_path: "disk.img".into(),
             overlay_offsets: vec![0, 8192],
             requests_served: 77,
+            io_tracking: vec![[0x200, 0, 64], [0x300, 1 << 20, 2]],
         };
         VmState {
             vcpu,
@@ -262,6 +270,16 @@ mod tests {
         assert_eq!(back.devices, sample().devices);
         assert_eq!(back.overlay, sample().overlay);
         assert_eq!(back.binding, sample().binding);
+    }
+
+    #[test]
+    fn a_state_saved_before_the_tracking_map_existed_loads_with_an_empty_map() {
+        let mut old = sample();
+        old.devices.io_tracking.clear();
+        let bytes = encode(&old);
+        let json = String::from_utf8_lossy(&bytes[HEADER_SIZE..]);
+        assert!(!json.contains("io_tracking"));
+        assert!(decode(&bytes).unwrap().devices.io_tracking.is_empty());
     }
 
     #[test]

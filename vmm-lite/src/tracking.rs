@@ -15,6 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use ckptfs::{DiskHint, DiskIndex, DiskOffset, PageIndex};
 
+use crate::abi;
+
 /// Page <-> disk block map for one disk.
 #[derive(Debug, Default)]
 pub struct IoTracker {
@@ -89,6 +91,50 @@ impl IoTracker {
         dirty
     }
 
+    /// The map as runs `[first page, its disk offset, pages]` of consecutive pages holding
+    /// consecutive blocks, sorted by page: what the VMM state saves (a page cache filled by
+    /// large reads is a few runs, not a pair a page).
+    pub fn runs(&self) -> Vec<[u64; 3]> {
+        let mut runs: Vec<[u64; 3]> = Vec::new();
+        for (&page, &block) in &self.page_to_block {
+            match runs.last_mut() {
+                Some([first, offset, n])
+                    if *first + *n == page.0 && *offset + *n * abi::PAGE_SIZE == block.0 =>
+                {
+                    *n += 1
+                }
+                _ => runs.push([page.0, block.0, 1]),
+            }
+        }
+        runs
+    }
+
+    /// Records the runs [`Self::runs`] saved, after checking that each lies inside guest
+    /// RAM of `ram_pages` pages and a disk of `disk_size` bytes, at a block boundary.
+    pub fn load_runs(
+        &mut self,
+        runs: &[[u64; 3]],
+        ram_pages: u64,
+        disk_size: u64,
+    ) -> Result<(), String> {
+        for &[page, offset, n] in runs {
+            let fits = page.checked_add(n).is_some_and(|end| end <= ram_pages)
+                && n.checked_mul(abi::PAGE_SIZE)
+                    .and_then(|len| offset.checked_add(len))
+                    .is_some_and(|end| end <= disk_size);
+            if !fits || !offset.is_multiple_of(abi::PAGE_SIZE) {
+                return Err(format!(
+                    "run of {n} pages from page {page} at disk offset {offset} lies outside \
+                     guest RAM or the disk"
+                ));
+            }
+            for i in 0..n {
+                self.record(PageIndex(page + i), DiskOffset(offset + i * abi::PAGE_SIZE));
+            }
+        }
+        Ok(())
+    }
+
     /// Checkpoint hints for `disk`, sorted by page.
     pub fn hints(&self, disk: DiskIndex) -> Vec<DiskHint> {
         self.page_to_block
@@ -137,6 +183,28 @@ mod tests {
         t.forget_block(DiskOffset(4096));
         assert_eq!(hint_pairs(&t), vec![(3, 0)]);
         assert!(!t.block_to_pages.contains_key(&DiskOffset(4096)));
+    }
+
+    #[test]
+    fn runs_save_and_load_the_same_map() {
+        let mut t = IoTracker::new();
+        for (page, block) in [(10, 0), (11, 4096), (12, 8192), (13, 0), (20, 40960)] {
+            t.record(PageIndex(page), DiskOffset(block));
+        }
+        let runs = t.runs();
+        assert_eq!(runs, vec![[10, 0, 3], [13, 0, 1], [20, 40960, 1]]);
+        let mut back = IoTracker::new();
+        back.load_runs(&runs, 64, 1 << 20).unwrap();
+        assert_eq!(hint_pairs(&back), hint_pairs(&t));
+        // A disk write still finds every page holding the block.
+        back.forget_block(DiskOffset(0));
+        assert_eq!(hint_pairs(&back), vec![(11, 4096), (12, 8192), (20, 40960)]);
+        for bad in [[60, 0, 5], [0, 1 << 20, 1], [0, 100, 1], [u64::MAX, 0, 2]] {
+            assert!(
+                IoTracker::new().load_runs(&[bad], 64, 1 << 20).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,11 @@ pub const REQ_SHUTDOWN: u32 = 3;
 /// Request: like WORK but pure: reads pages chosen from the request's argument and the
 /// workload state, and changes nothing (so a later CHECK still equals the previous one).
 pub const REQ_READ: u32 = 4;
+/// Request: write `argument` more heap pages (one word each), continuing a fixed walk
+/// that visits every heap page below the APIC page once before it repeats; the response
+/// is how many pages DIRTY requests have written in all. A restored VM that must dirty a
+/// chosen share of its memory (incremental checkpoints) does it with these.
+pub const REQ_DIRTY: u32 = 5;
 /// A request word is `code | argument << REQ_ARG_SHIFT` (code in the low 8 bits).
 pub const REQ_ARG_SHIFT: u32 = 8;
 /// Flag in the code byte of a request word: the VMM has put a new session seed in the boot

@@ -111,6 +111,7 @@ pub unsafe extern "C" fn _start(info: *const BootInfo) -> ! {
             abi::REQ_WORK => state.work(&session),
             abi::REQ_READ => state.read(word >> abi::REQ_ARG_SHIFT, &session),
             abi::REQ_CHECK => state.check(),
+            abi::REQ_DIRTY => state.dirty(u64::from(word >> abi::REQ_ARG_SHIFT)),
             abi::REQ_SHUTDOWN => io::halt(),
             other => panic!("unknown request code {other}"),
         };

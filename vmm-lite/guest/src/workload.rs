@@ -32,6 +32,9 @@ const MODIFY_EVERY: u64 = 32;
 const WRITEBACK_EVERY: u64 = 64;
 /// Write-backs go to the first this many page-cache pages (bounds the VMM's disk overlay).
 const WRITEBACK_PAGES: u64 = 64;
+/// Step of the DIRTY walk over the heap: a prime (2^32 - 5) larger than any heap's page
+/// count, so the walk visits every page once before repeating.
+const DIRTY_STRIDE: u64 = 4_294_967_291;
 /// Pages per disk read while filling the page cache.
 pub const READ_CHUNK_PAGES: u64 = 64;
 const WORDS: usize = (abi::PAGE_SIZE / 8) as usize;
@@ -51,6 +54,8 @@ pub struct State {
     written_back: u64,
     /// Desktop layout and working set (all zero for the other workloads).
     desk: Desktop,
+    /// Pages DIRTY requests have written (the position in their walk over the heap).
+    dirtied: u64,
 }
 
 pub fn page(heap_page: u64) -> &'static mut Page {
@@ -151,6 +156,7 @@ impl State {
             modified: 0,
             written_back: 0,
             desk,
+            dirtied: 0,
         };
         if state.is_desktop() {
             state.desk.fill_cache();
@@ -313,6 +319,25 @@ impl State {
         acc & 0xffff_ffff
     }
 
+    /// A DIRTY request: writes one word of each of the next `n` pages of a walk that
+    /// visits every heap page below the APIC page once (heap page k * DIRTY_STRIDE mod
+    /// usable: the stride is a prime larger than any heap, so coprime with its size), the
+    /// word and the value varying with k. Returns the pages written in all.
+    pub fn dirty(&mut self, n: u64) -> u64 {
+        let below_apic = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE;
+        let usable = self.heap_pages.min(below_apic);
+        if usable == 0 {
+            return self.dirtied;
+        }
+        for k in self.dirtied..self.dirtied + n {
+            let p = k.wrapping_mul(DIRTY_STRIDE) % usable;
+            let w = &mut page(p)[(k % WORDS as u64) as usize];
+            *w ^= (k | 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        self.dirtied += n;
+        self.dirtied
+    }
+
     /// Checksum of everything this program's behaviour depends on: this state and every
     /// heap page (the untouched ones included, hashed by the VMM's hash device). Changes
     /// nothing.
@@ -330,6 +355,10 @@ impl State {
         let mut h = hash_words(&fields, 0);
         if self.is_desktop() {
             h ^= hash_words(&self.desk.fields(), 1);
+        }
+        // Only once DIRTY requests ran, so every other CHECK is the one it always was.
+        if self.dirtied != 0 {
+            h ^= hash_words(&[self.dirtied], 2);
         }
         let heap = io::hash_memory(abi::HEAP_ADDR, self.heap_pages * abi::PAGE_SIZE);
         let h = mix(h ^ heap);
