@@ -122,6 +122,7 @@ pub fn flatten(
 ) -> Result<FlattenSummary, FlattenError> {
     let start = Instant::now();
     refuse_inputs(ck, out)?;
+    ck.advise_reading_all();
     let (disk_map, records) = used_disks(ck)?;
     let modes = std::iter::once(ck.file_mode()).chain(ck.ancestors().iter().map(|a| a.file_mode()));
     let mode = atomic_file::mode_from_inputs(modes);

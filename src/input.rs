@@ -166,6 +166,8 @@ pub enum Access {
     Normal,
     /// No readahead.
     Random,
+    /// Read from start to end: a doubled readahead window.
+    Sequential,
 }
 
 /// Tell the kernel how `file` will be read (best effort).
@@ -174,6 +176,7 @@ pub fn advise(file: &File, access: Access) {
     let advice = match access {
         Access::Normal => libc::POSIX_FADV_NORMAL,
         Access::Random => libc::POSIX_FADV_RANDOM,
+        Access::Sequential => libc::POSIX_FADV_SEQUENTIAL,
     };
     // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };

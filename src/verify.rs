@@ -71,6 +71,7 @@ pub fn verify(ck: &Checkpoint, dump: Option<&[u8]>, mut progress: impl FnMut(u64
         );
         return report;
     }
+    ck.advise_reading_all();
     let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE_SIZE];
     let mut first = 0;
     while first < pages {

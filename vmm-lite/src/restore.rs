@@ -455,8 +455,12 @@ fn report(
     }
 }
 
+/// Open the checkpoint an eager restore rebuilds every page of, with
+/// readahead for that whole pass.
 fn open_checkpoint(path: &Path) -> Result<Checkpoint, RestoreError> {
-    Checkpoint::open(path).map_err(RestoreError::CheckpointOpen)
+    let ck = Checkpoint::open(path).map_err(RestoreError::CheckpointOpen)?;
+    ck.advise_reading_all();
+    Ok(ck)
 }
 
 /// The VMM state as stored, and where it came from ("file <path>" or "section of
