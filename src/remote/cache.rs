@@ -78,6 +78,7 @@ impl DiskCache {
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
+        check_private(dir)?;
         let mut found = Vec::new();
         for e in fs::read_dir(dir)? {
             let e = e?;
@@ -139,17 +140,28 @@ impl DiskCache {
 
     /// Keep `data` as block `key` (best effort: a full disk only costs a refetch).
     pub fn put(&self, key: &BlockKey, data: &[u8]) {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.dir.join(format!(
             ".tmp-{}-{:?}",
             key.file_name(),
             std::thread::current().id()
         ));
-        let written = fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(data))
-            .and_then(|()| fs::rename(&tmp, self.dir.join(key.file_name())));
+        // Owner-only, and never through a planted name: O_EXCL refuses any
+        // existing file or symlink there (and what is there is not ours to remove).
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp);
+        let written = created.and_then(|mut f| {
+            f.write_all(data)
+                .and_then(|()| fs::rename(&tmp, self.dir.join(key.file_name())))
+                .inspect_err(|_| {
+                    let _ = fs::remove_file(&tmp);
+                })
+        });
         if let Err(e) = written {
             log::debug!("remote cache: cannot keep block {}: {e}", key.file_name());
-            let _ = fs::remove_file(&tmp);
             return;
         }
         {
@@ -206,6 +218,31 @@ pub fn by_pack(keys: &[BlockKey]) -> HashMap<u128, Vec<u32>> {
     m
 }
 
+/// The cache holds guest memory (its blocks are created 0600): refuse a
+/// folder that is a symlink, belongs to another user or that others may
+/// write to (where they could swap blocks or plant names); a folder that
+/// existed before is used as it is, never changed.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.permissions().mode() & 0o7777;
+    let problem = if !meta.is_dir() {
+        "is not a directory (a symlink?)".to_string()
+    } else if meta.uid() != euid {
+        format!("belongs to uid {}, not to uid {euid}", meta.uid())
+    } else if mode & 0o022 != 0 {
+        format!("has mode {mode:04o}: other users may write to it (chmod go-w it, or use another)")
+    } else {
+        return Ok(());
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("cache folder {problem}"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +271,49 @@ mod tests {
         assert!(c.get(&key(0)).is_none());
         let small = DiskCache::open(d.path(), 1000).unwrap();
         assert_eq!(small.bytes(), 1000, "reopened under a smaller bound");
+    }
+
+    #[test]
+    fn a_cache_folder_others_can_write_is_refused_and_blocks_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = DiskCache::open(&open, 1000).unwrap_err();
+        assert!(e.to_string().contains("mode 0777"), "{e}");
+        let mode = fs::metadata(&open).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777, "not changed");
+        let readable = d.path().join("readable");
+        fs::create_dir(&readable).unwrap();
+        fs::set_permissions(&readable, fs::Permissions::from_mode(0o755)).unwrap();
+        let c = DiskCache::open(&readable, 1 << 20).unwrap();
+        // A planted link at the block's temporary name is not written through.
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let tmp = readable.join(format!(
+            ".tmp-{}-{:?}",
+            key(7).file_name(),
+            std::thread::current().id()
+        ));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        c.put(&key(7), &[9u8; 100]);
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        fs::remove_file(&tmp).unwrap();
+        c.put(&key(7), &[9u8; 100]);
+        let block = readable.join(key(7).file_name());
+        let mode = fs::metadata(&block).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a block is owner-only");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("private"), &link).unwrap();
+        fs::create_dir(d.path().join("private")).unwrap();
+        fs::set_permissions(d.path().join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+        let e = DiskCache::open(&link, 1000).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        let fresh = d.path().join("a/b");
+        DiskCache::open(&fresh, 1000).unwrap();
+        let mode = fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
