@@ -101,7 +101,7 @@ pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
             record(&bins, vm, dir, plan.duration)?;
         }
     }
-    let sets: Vec<u64> = fleet.iter().map(|vm| loadset_bytes(vm)).collect();
+    let sets: Vec<u64> = fleet.iter().map(loadset_bytes).collect();
     let started = Instant::now();
     let mut runs = Vec::new();
     for rep in 0..plan.reps {
