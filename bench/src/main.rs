@@ -249,6 +249,10 @@ enum Command {
         /// Seconds each VM serves requests (from its first request) [default: 8; 4 with --quick].
         #[arg(long)]
         duration: Option<f64>,
+        /// TTR window, ms: 100 ms windows of one VM among several sharing a CPU are too
+        /// noisy (a warm storm's own TTR reached seconds).
+        #[arg(long, default_value_t = 500)]
+        window_ms: u64,
         /// Guest workload.
         #[arg(long, default_value = "desktop")]
         workload: String,
@@ -514,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
             methods,
             reps,
             duration,
+            window_ms,
             workload,
             dir,
             out,
@@ -530,6 +535,7 @@ fn run(cli: Cli) -> Result<()> {
                 methods,
                 reps: reps.unwrap_or(if quick { 2 } else { 5 }),
                 duration: duration.unwrap_or(if quick { 4.0 } else { 8.0 }),
+                window_ms,
             };
             let (_keep, dir) = work_dir(dir)?;
             storm::run(&plan, &dir, &out)?;

@@ -39,6 +39,8 @@ pub struct Plan {
     pub reps: usize,
     /// Seconds each VM serves requests, from its first request.
     pub duration: f64,
+    /// TTR window, ms (see [`run`]).
+    pub window_ms: u64,
 }
 
 /// One VM of one storm.
@@ -59,6 +61,8 @@ pub struct VmRun {
     pub ttr_ms: Option<f64>,
     /// CHECK equals the checkpoint's.
     pub check_ok: bool,
+    /// Requests completed in each 100 ms since the storm started (for rescoring).
+    pub per_100ms: Vec<u64>,
 }
 
 /// One storm.
@@ -118,7 +122,7 @@ pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
             let r = storm(&bins, &fleet, dir, plan, method, rep)?;
             mine.push(r);
         }
-        score(&mut mine);
+        score(&mut mine, plan.window_ms);
         for r in &mine {
             eprintln!(
                 "bench storm:   {}: last VM TTR {}",
@@ -297,6 +301,7 @@ fn one_vm(
     let report = fleet::finish(r.spawn(bins)?)?;
     drop(mount);
     let times = fleet::timeline(&r.timeline, launched)?;
+    let per_100ms = ttr::per_window(&times, 100_000_000);
     Ok(VmRun {
         vm: vm.index,
         seed,
@@ -305,23 +310,25 @@ fn one_vm(
         launched_ms: launched as f64 / 1e6,
         ttr_ms: None,
         check_ok: report["check"].as_str() == Some(vm.check.as_str()),
+        per_100ms,
     })
 }
 
-/// Fills in TTRs against each VM's warm rate in the warm storm of the same repetition.
-fn score(runs: &mut [StormRun]) {
+/// Fills in TTRs against each VM's warm rate in the warm storm of the same repetition,
+/// with windows of `window_ms`.
+fn score(runs: &mut [StormRun], window_ms: u64) {
+    let w = window_ms * 1_000_000;
     let Some(warm) = runs.iter().find(|r| r.method == "warm") else {
         return;
     };
     let rates: Vec<f64> = warm
         .vms
         .iter()
-        .map(|v| ttr::warm_rate(&v.times, ttr::WINDOW_NS))
+        .map(|v| ttr::warm_rate(&v.times, w))
         .collect();
     for r in runs.iter_mut() {
         for v in &mut r.vms {
-            v.ttr_ms = ttr::ttr(&v.times, rates[v.vm], ttr::WINDOW_NS, ttr::UTILIZATION)
-                .map(|t| t as f64 / 1e6);
+            v.ttr_ms = ttr::ttr(&v.times, rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
         }
         r.last_ttr_ms = last_ttr(&r.vms);
     }
@@ -332,7 +339,7 @@ fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
     let set_mib: f64 = sets.iter().sum::<u64>() as f64 / 1048576.0;
     let _ = writeln!(
         s,
-        "{} {} VMs of {} MiB (one disk image, guest seeds 1..{}), restored at once from storage capped at {} MB/s (one blkio cgroup); {} repetitions, {} s of READs per VM; medians [min-max].\n\
+        "{} {} VMs of {} MiB (one disk image, guest seeds 1..{}), restored at once from storage capped at {} MB/s (one blkio cgroup); {} repetitions, {} s of READs per VM; TTR with {} ms windows at {} % of the VM's warm rate; medians [min-max].\n\
          Loading sets: {:.1} MiB together (limit at {} MB/s: {:.0} ms).\n",
         plan.vms,
         plan.workload,
@@ -341,6 +348,8 @@ fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
         plan.mbps,
         plan.reps,
         plan.duration,
+        plan.window_ms,
+        ttr::UTILIZATION * 100.0,
         set_mib,
         plan.mbps,
         set_mib * 1.048576 / plan.mbps as f64 * 1e3,
@@ -438,6 +447,7 @@ mod tests {
             first_ms: 0.0,
             ttr_ms: ttr,
             check_ok: true,
+            per_100ms: Vec::new(),
         }
     }
 
