@@ -55,7 +55,7 @@ pub struct Plan {
 }
 
 /// One sample: N clones by one method.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Method.
     pub method: String,
@@ -84,7 +84,7 @@ pub struct Sample {
 }
 
 /// The disk-sharing check.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DiskShare {
     /// Repetition.
     pub rep: usize,
@@ -118,7 +118,27 @@ pub fn increment(total_1: f64, total_n: f64, n: usize) -> Option<f64> {
     (n > 1).then(|| (total_n - total_1) / (n - 1) as f64)
 }
 
-/// Run the plan in `dir`; writes clones.md and clones.jsonl into `out`.
+/// Rewrites clones.md and clones.png in `out` from the rows of an earlier run's
+/// clones.jsonl (`plan` says which methods and counts, in what order).
+pub fn render(plan: &Plan, jsonl: &Path, out: &Path) -> Result<()> {
+    let mut results = Results::default();
+    let text = std::fs::read_to_string(jsonl)?;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v.get("method").is_some() {
+            results.samples.push(serde_json::from_value(v)?);
+        } else {
+            results.disk.push(serde_json::from_value(v)?);
+        }
+    }
+    let md = report(plan, &results);
+    std::fs::write(out.join("clones.md"), &md)?;
+    plot(&out.join("clones.png"), plan, &results)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// Run the plan in `dir`; writes clones.md, clones.png and clones.jsonl into `out`.
 pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
     let bins = Bins::find()?;
     std::fs::create_dir_all(out)?;
@@ -155,6 +175,7 @@ pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
     std::fs::write(out.join("clones.jsonl"), jsonl.join("\n") + "\n")?;
     let md = report(plan, &results);
     std::fs::write(out.join("clones.md"), &md)?;
+    plot(&out.join("clones.png"), plan, &results)?;
     println!("{md}");
     ensure!(
         results.samples.iter().all(|s| s.checks_ok == s.n)
@@ -368,6 +389,35 @@ fn disk_share(bins: &Bins, vms: &[FleetVm], dir: &Path, rep: usize) -> Result<Di
         disk_bytes_read: [disk_read(&mounts[0]), disk_read(&mounts[1])],
         checks_ok,
     })
+}
+
+/// Median host total against N, one line per method.
+fn plot(out: &Path, plan: &Plan, r: &Results) -> Result<()> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = plan
+        .methods
+        .iter()
+        .map(|m| {
+            let points = plan
+                .counts
+                .iter()
+                .filter_map(|&n| {
+                    let v = r
+                        .samples
+                        .iter()
+                        .filter(|x| &x.method == m && x.n == n)
+                        .map(|x| mib(x.total as f64))
+                        .collect();
+                    Some((n as f64, median(v)?))
+                })
+                .collect();
+            (m.clone(), points)
+        })
+        .collect();
+    let title = format!(
+        "{} MiB {} clones, each writing {} %: host memory used together",
+        plan.mib, plan.workload, plan.dirty_pct
+    );
+    crate::plot::lines(out, &title, ("clones (N)", "MiB"), &series)
 }
 
 fn report(plan: &Plan, r: &Results) -> String {

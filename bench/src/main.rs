@@ -217,9 +217,13 @@ enum Command {
         /// Work directory (default: a temporary one under /var/tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Where clones.md and clones.jsonl go.
+        /// Where clones.md, clones.png and clones.jsonl go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+        /// Only redraw clones.md and clones.png from this clones.jsonl (the plan's
+        /// options must match the run's).
+        #[arg(long)]
+        from_jsonl: Option<PathBuf>,
     },
     /// A login storm: VMs, each from its own checkpoint, restored at the same moment from
     /// storage capped at --storage-mbps; time until the last one is responsive.
@@ -497,6 +501,7 @@ fn run(cli: Cli) -> Result<()> {
             workload,
             dir,
             out,
+            from_jsonl,
         } => {
             let plan = clones::Plan {
                 mib: guest_mib.unwrap_or(if quick { 256 } else { 512 }),
@@ -507,6 +512,9 @@ fn run(cli: Cli) -> Result<()> {
                 dirty_pct,
                 duration,
             };
+            if let Some(jsonl) = from_jsonl {
+                return clones::render(&plan, &jsonl, &out);
+            }
             let (_keep, dir) = work_dir(dir)?;
             clones::run(&plan, &dir, &out)?;
         }

@@ -80,7 +80,7 @@ pub fn parse_fields(text: &str) -> Fields {
 }
 
 /// What one process uses, bytes.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct ProcMem {
     /// Proportional set size.
     pub pss: u64,
