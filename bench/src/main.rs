@@ -266,6 +266,10 @@ enum Command {
         /// Where storm.md, storm.jsonl and storm.png go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+        /// Only rescore an earlier run's storm.jsonl (times rebuilt from its counts per
+        /// 100 ms) and rewrite storm.md and storm.png.
+        #[arg(long)]
+        from_jsonl: Option<PathBuf>,
     },
     /// The demo: a VM checkpointed, mounted and restored, with its numbers printed.
     Demo {
@@ -530,6 +534,7 @@ fn run(cli: Cli) -> Result<()> {
             workload,
             dir,
             out,
+            from_jsonl,
         } => {
             let methods = methods
                 .iter()
@@ -545,6 +550,9 @@ fn run(cli: Cli) -> Result<()> {
                 duration: duration.unwrap_or(if quick { 4.0 } else { 8.0 }),
                 window_ms,
             };
+            if let Some(jsonl) = from_jsonl {
+                return storm::render(&plan, &jsonl, &out);
+            }
             let (_keep, dir) = work_dir(dir)?;
             storm::run(&plan, &dir, &out)?;
         }

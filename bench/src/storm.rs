@@ -44,14 +44,14 @@ pub struct Plan {
 }
 
 /// One VM of one storm.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmRun {
     /// VM index.
     pub vm: usize,
     /// Request seed.
     pub seed: u64,
     /// Completion times, ns since the storm started.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub times: Vec<u64>,
     /// Its VMM started (mount done), ms since the storm started.
     pub launched_ms: f64,
@@ -66,7 +66,7 @@ pub struct VmRun {
 }
 
 /// One storm.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StormRun {
     /// Method label.
     pub method: String,
@@ -314,24 +314,84 @@ fn one_vm(
     })
 }
 
+/// The storm's common horizon, ns: the earliest last completion of its VMs. After it, a
+/// VM that is done runs its final CHECK (which reads all of its RAM, from storage unless
+/// it is resident) while the others still serve requests; windows past it would judge
+/// that, not the restore.
+pub fn horizon(vms: &[VmRun]) -> u64 {
+    vms.iter()
+        .filter_map(|v| v.times.last().copied())
+        .min()
+        .unwrap_or(0)
+}
+
+/// Completion times rebuilt from counts per 100 ms (spread evenly in each bin).
+pub fn times_from_bins(bins: &[u64]) -> Vec<u64> {
+    let bin = 100_000_000u64;
+    let mut out = Vec::new();
+    for (k, &c) in bins.iter().enumerate() {
+        out.extend((0..c).map(|j| k as u64 * bin + (2 * j + 1) * bin / (2 * c)));
+    }
+    out
+}
+
 /// Fills in TTRs against each VM's warm rate in the warm storm of the same repetition,
-/// with windows of `window_ms`.
+/// with windows of `window_ms`, each storm judged up to its [`horizon`].
 fn score(runs: &mut [StormRun], window_ms: u64) {
     let w = window_ms * 1_000_000;
+    let upto = |vms: &[VmRun], v: &VmRun| -> Vec<u64> {
+        let h = horizon(vms);
+        v.times.iter().copied().filter(|&t| t <= h).collect()
+    };
     let Some(warm) = runs.iter().find(|r| r.method == "warm") else {
         return;
     };
     let rates: Vec<f64> = warm
         .vms
         .iter()
-        .map(|v| ttr::warm_rate(&v.times, w))
+        .map(|v| ttr::warm_rate(&upto(&warm.vms, v), w))
         .collect();
     for r in runs.iter_mut() {
-        for v in &mut r.vms {
-            v.ttr_ms = ttr::ttr(&v.times, rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
+        let ttrs: Vec<Option<f64>> = r
+            .vms
+            .iter()
+            .map(|v| {
+                ttr::ttr(&upto(&r.vms, v), rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6)
+            })
+            .collect();
+        for (v, t) in r.vms.iter_mut().zip(ttrs) {
+            v.ttr_ms = t;
         }
         r.last_ttr_ms = last_ttr(&r.vms);
     }
+}
+
+/// Rescores the rows of an earlier run's storm.jsonl (times rebuilt from their counts per
+/// 100 ms) and rewrites storm.md and storm.png in `out`.
+pub fn render(plan: &Plan, jsonl: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(jsonl)?;
+    let mut runs: Vec<StormRun> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    for r in &mut runs {
+        for v in &mut r.vms {
+            v.times = times_from_bins(&v.per_100ms);
+        }
+    }
+    let reps = runs.iter().map(|r| r.rep).max().map_or(0, |r| r + 1);
+    let mut scored = Vec::new();
+    for rep in 0..reps {
+        let mut mine: Vec<StormRun> = runs.iter().filter(|r| r.rep == rep).cloned().collect();
+        score(&mut mine, plan.window_ms);
+        scored.extend(mine);
+    }
+    let md = report(plan, &scored, &[]);
+    std::fs::write(out.join("storm.md"), &md)?;
+    plot(&out.join("storm.png"), plan, &scored)?;
+    println!("{md}");
+    Ok(())
 }
 
 fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
@@ -339,8 +399,8 @@ fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
     let set_mib: f64 = sets.iter().sum::<u64>() as f64 / 1048576.0;
     let _ = writeln!(
         s,
-        "{} {} VMs of {} MiB (one disk image, guest seeds 1..{}), restored at once from storage capped at {} MB/s (one blkio cgroup); {} repetitions, {} s of READs per VM; TTR with {} ms windows at {} % of the VM's warm rate; medians [min-max].\n\
-         Loading sets: {:.1} MiB together (limit at {} MB/s: {:.0} ms).\n",
+        "{} {} VMs of {} MiB (one disk image, guest seeds 1..{}), restored at once from storage capped at {} MB/s (one blkio cgroup); {} repetitions, {} s of READs per VM; TTR with {} ms windows at {} % of the VM's warm rate, judged up to the storm's first VM to finish; medians [min-max].\n\
+         Loading sets: {:.1} MiB together (limit at {} MB/s: {:.0} ms; 0 = not known to a rescoring).\n",
         plan.vms,
         plan.workload,
         plan.mib,
@@ -459,6 +519,23 @@ mod tests {
         );
         assert_eq!(last_ttr(&[vm(0, Some(300.0)), vm(1, None)]), None);
         assert_eq!(last_ttr(&[]), Some(0.0));
+    }
+
+    #[test]
+    fn storms_are_judged_up_to_their_first_vm_to_finish() {
+        let mut a = vm(0, None);
+        a.times = vec![5, 10, 900];
+        let mut b = vm(1, None);
+        b.times = vec![7, 400];
+        assert_eq!(horizon(&[a, b]), 400);
+        assert_eq!(horizon(&[]), 0);
+    }
+
+    #[test]
+    fn times_rebuilt_from_bins_land_in_their_bins() {
+        let t = times_from_bins(&[2, 0, 1]);
+        assert_eq!(t, vec![25_000_000, 75_000_000, 250_000_000]);
+        assert_eq!(ttr::per_window(&t, 100_000_000), vec![2, 0, 1]);
     }
 
     #[test]
