@@ -385,6 +385,14 @@ pub fn render(plan: &Plan, jsonl: &Path, out: &Path) -> Result<()> {
     for rep in 0..reps {
         let mut mine: Vec<StormRun> = runs.iter().filter(|r| r.rep == rep).cloned().collect();
         score(&mut mine, plan.window_ms);
+        for r in &mine {
+            eprintln!(
+                "bench storm: rep {rep} {}: last VM TTR {}",
+                r.method,
+                r.last_ttr_ms
+                    .map_or("never".into(), |t| format!("{t:.0} ms"))
+            );
+        }
         scored.extend(mine);
     }
     let md = report(plan, &scored, &[]);
