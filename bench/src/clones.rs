@@ -433,11 +433,11 @@ fn report(plan: &Plan, r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| method | N | host total | per-clone increment | written / clone | increment / written | page cache of memory file | ckpt + disk cache | VMMs anon | VMMs PSS | VMMs USS | daemon PSS | CHECKs |"
+        "| method | N | host total | per-clone increment | written / clone | increment / written | own / clone (anon + page tables) | own / written | page cache of memory file | ckpt + disk cache | VMMs anon | VMMs PSS | VMMs USS | daemon PSS | CHECKs |"
     );
     let _ = writeln!(
         s,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for method in &plan.methods {
         for &n in &plan.counts {
@@ -464,14 +464,18 @@ fn report(plan: &Plan, r: &Results) -> String {
                 .collect();
             let written: Vec<f64> = col(&|x| mib(median_u64(&x.written)));
             let ratio: Vec<f64> = inc.iter().zip(&written).map(|(i, w)| i / w).collect();
+            let own: Vec<f64> = col(&|x| mib((x.vmms.anon + x.vmms.page_tables) as f64 / n as f64));
+            let own_ratio: Vec<f64> = own.iter().zip(&written).map(|(o, w)| o / w).collect();
             let checks: usize = rows.iter().map(|x| x.checks_ok).sum();
             let _ = writeln!(
                 s,
-                "| {method} | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {checks}/{}{} |",
+                "| {method} | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {checks}/{}{} |",
                 stat(&col(&|x| mib(x.total as f64)), 1),
                 stat(&inc, 1),
                 stat(&written, 1),
                 stat(&ratio, 2),
+                stat(&own, 1),
+                stat(&own_ratio, 2),
                 stat(&col(&|x| mib(x.cache_memory as f64)), 1),
                 stat(&col(&|x| mib((x.cache_ckpt + x.cache_disk) as f64)), 1),
                 stat(&col(&|x| mib(x.vmms.anon as f64)), 1),
