@@ -59,6 +59,10 @@ pub struct VmRun {
     pub first_ms: f64,
     /// TTR, ms since the storm started (None: never within the run).
     pub ttr_ms: Option<f64>,
+    /// Work lag at the storm's horizon, ms: how far behind a VM running at its warm rate
+    /// since the storm started it is (see [`work_lag_ms`]).
+    #[serde(default)]
+    pub lag_ms: Option<f64>,
     /// CHECK equals the checkpoint's.
     pub check_ok: bool,
     /// Requests completed in each 100 ms since the storm started (for rescoring).
@@ -78,6 +82,9 @@ pub struct StormRun {
     pub storage_bytes: u64,
     /// TTR of the last VM, ms (None if one never became responsive).
     pub last_ttr_ms: Option<f64>,
+    /// The largest work lag of its VMs, ms.
+    #[serde(default)]
+    pub max_lag_ms: Option<f64>,
 }
 
 /// The storm's TTR: its last VM's, None if any VM never became responsive.
@@ -125,10 +132,11 @@ pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
         score(&mut mine, plan.window_ms);
         for r in &mine {
             eprintln!(
-                "bench storm:   {}: last VM TTR {}",
+                "bench storm:   {}: last VM TTR {}, largest work lag {:.0} ms",
                 r.method,
                 r.last_ttr_ms
-                    .map_or("never".into(), |t| format!("{t:.0} ms"))
+                    .map_or("never".into(), |t| format!("{t:.0} ms")),
+                r.max_lag_ms.unwrap_or(f64::NAN)
             );
         }
         runs.extend(mine);
@@ -260,6 +268,7 @@ fn storm(
         vms: vms.into_iter().collect::<Result<_>>()?,
         storage_bytes,
         last_ttr_ms: None,
+        max_lag_ms: None,
     })
 }
 
@@ -309,6 +318,7 @@ fn one_vm(
         times,
         launched_ms: launched as f64 / 1e6,
         ttr_ms: None,
+        lag_ms: None,
         check_ok: report["check"].as_str() == Some(vm.check.as_str()),
         per_100ms,
     })
@@ -323,6 +333,17 @@ pub fn horizon(vms: &[VmRun]) -> u64 {
         .filter_map(|v| v.times.last().copied())
         .min()
         .unwrap_or(0)
+}
+
+/// Work lag, ms: `horizon` (ns since the storm started) minus the time a VM running at
+/// `rate` requests per window `w` from the start would need for the requests `times`
+/// completed by then. Less sensitive than TTR to one slow window late in the run.
+pub fn work_lag_ms(times: &[u64], horizon: u64, rate: f64, w: u64) -> Option<f64> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let done = times.iter().filter(|&&t| t <= horizon).count() as f64;
+    Some((horizon as f64 - done / rate * w as f64) / 1e6)
 }
 
 /// Completion times rebuilt from counts per 100 ms (spread evenly in each bin).
@@ -359,10 +380,13 @@ fn score(runs: &mut [StormRun], window_ms: u64) {
                 ttr::ttr(&upto(&r.vms, v), rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6)
             })
             .collect();
+        let h = horizon(&r.vms);
         for (v, t) in r.vms.iter_mut().zip(ttrs) {
             v.ttr_ms = t;
+            v.lag_ms = work_lag_ms(&v.times, h, rates[v.vm], w);
         }
         r.last_ttr_ms = last_ttr(&r.vms);
+        r.max_lag_ms = r.vms.iter().filter_map(|v| v.lag_ms).reduce(f64::max);
     }
 }
 
@@ -387,10 +411,11 @@ pub fn render(plan: &Plan, jsonl: &Path, out: &Path) -> Result<()> {
         score(&mut mine, plan.window_ms);
         for r in &mine {
             eprintln!(
-                "bench storm: rep {rep} {}: last VM TTR {}",
+                "bench storm: rep {rep} {}: last VM TTR {}, largest work lag {:.0} ms",
                 r.method,
                 r.last_ttr_ms
-                    .map_or("never".into(), |t| format!("{t:.0} ms"))
+                    .map_or("never".into(), |t| format!("{t:.0} ms")),
+                r.max_lag_ms.unwrap_or(f64::NAN)
             );
         }
         scored.extend(mine);
@@ -424,9 +449,9 @@ fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
     );
     let _ = writeln!(
         s,
-        "| method | last VM TTR ms | never (storms) | per-VM TTR ms | last VM first response ms | last VM launched ms | read from storage MiB | / eager-raw (last VM TTR) | CHECKs |"
+        "| method | last VM TTR ms | never (storms) | largest work lag ms | per-VM TTR ms | last VM first response ms | last VM launched ms | read from storage MiB | / eager-raw (last VM TTR) | CHECKs |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let eager = median(
         runs.iter()
             .filter(|r| r.method == "eager-raw")
@@ -464,13 +489,17 @@ fn report(plan: &Plan, runs: &[StormRun], sets: &[u64]) -> String {
             .sum();
         let _ = writeln!(
             s,
-            "| {label} | {} | {never} of {} | {} | {} | {} | {} | {ratio} | {ok}/{} |",
+            "| {label} | {} | {never} of {} | {} | {} | {} | {} | {} | {ratio} | {ok}/{} |",
             if never > rows.len() / 2 {
                 "never".into()
             } else {
                 stat(&last, 0)
             },
             rows.len(),
+            stat(
+                &rows.iter().filter_map(|r| r.max_lag_ms).collect::<Vec<_>>(),
+                0
+            ),
             stat(&per_vm, 0),
             stat(&first, 0),
             stat(&launched, 0),
@@ -514,6 +543,7 @@ mod tests {
             launched_ms: 0.0,
             first_ms: 0.0,
             ttr_ms: ttr,
+            lag_ms: None,
             check_ok: true,
             per_100ms: Vec::new(),
         }
@@ -537,6 +567,15 @@ mod tests {
         b.times = vec![7, 400];
         assert_eq!(horizon(&[a, b]), 400);
         assert_eq!(horizon(&[]), 0);
+    }
+
+    #[test]
+    fn work_lag_is_the_time_lost_against_the_warm_rate() {
+        // Warm: 10 per 100 ms. Nothing for 1 s, then warm: 2 s in, 10 requests behind x 10.
+        let t: Vec<u64> = (0..100).map(|i| 1_000_000_000 + i * 10_000_000).collect();
+        let lag = work_lag_ms(&t, 2_000_000_000, 10.0, 100_000_000).unwrap();
+        assert!((lag - 1000.0).abs() < 11.0, "{lag}");
+        assert_eq!(work_lag_ms(&t, 2_000_000_000, 0.0, 100_000_000), None);
     }
 
     #[test]
