@@ -237,7 +237,7 @@ enum Command {
         /// Guest MiB each [default: 1024; 256 with --quick].
         #[arg(long)]
         guest_mib: Option<u64>,
-        /// Read limit of the storage, MB/s (blkio cgroup around every process).
+        /// Read limit of the storage, MB/s (blkio cgroup around every process; 0: uncapped, reads only counted).
         #[arg(long, default_value_t = 200)]
         storage_mbps: u64,
         /// Methods, comma separated (labels as in `bench restore`).
