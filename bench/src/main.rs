@@ -1,15 +1,19 @@
 //! ckptfs benchmarks and the demo.
 
+mod clones;
 mod create;
 mod demo;
+mod fleet;
 mod fuzz;
 mod incremental;
 mod matrix;
 mod plot;
+mod procmem;
 mod qemu;
 mod remote;
 mod report;
 mod restore;
+mod storm;
 mod tier;
 mod ttr;
 
@@ -177,6 +181,95 @@ enum Command {
         /// Where incremental.md and incremental.json go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+    },
+    /// Host memory of N VMs restored at once from one checkpoint (one mount) against N
+    /// eager-raw and N lazy-raw restores; and two mounts sharing a disk image's page cache.
+    Clones {
+        /// 256 MiB guest, N = 1,2,4,8, 1 repetition (a few minutes); the full run is a
+        /// 512 MiB guest, 5 repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Guest MiB [default: 512; 256 with --quick].
+        #[arg(long)]
+        guest_mib: Option<u64>,
+        /// Numbers of clones, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        counts: Vec<usize>,
+        /// Methods, comma separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "ckptfs,lazy-raw,eager-raw"
+        )]
+        methods: Vec<String>,
+        /// Share of RAM each clone writes, percent.
+        #[arg(long, default_value_t = 5.0)]
+        dirty_pct: f64,
+        /// Repetitions [default: 5; 1 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds each clone serves requests.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Guest workload.
+        #[arg(long, default_value = "desktop")]
+        workload: String,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where clones.md, clones.png and clones.jsonl go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Only redraw clones.md and clones.png from this clones.jsonl (the plan's
+        /// options must match the run's).
+        #[arg(long)]
+        from_jsonl: Option<PathBuf>,
+    },
+    /// A login storm: VMs, each from its own checkpoint, restored at the same moment from
+    /// storage capped at --storage-mbps; time until the last one is responsive.
+    Storm {
+        /// 4 x 256 MiB, 2 repetitions (a few minutes); the full run is 8 x 1 GiB, 5 repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// VMs [default: 8; 4 with --quick].
+        #[arg(long)]
+        vms: Option<usize>,
+        /// Guest MiB each [default: 1024; 256 with --quick].
+        #[arg(long)]
+        guest_mib: Option<u64>,
+        /// Read limit of the storage, MB/s (blkio cgroup around every process; 0: uncapped, reads only counted).
+        #[arg(long, default_value_t = 200)]
+        storage_mbps: u64,
+        /// Methods, comma separated (labels as in `bench restore`).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "eager-raw,lazy-raw,ckptfs-ls,ckptfs-ls-zero,ckptfs-ls-pnone,warm"
+        )]
+        methods: Vec<String>,
+        /// Repetitions [default: 5; 2 with --quick].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds each VM serves requests (from its first request) [default: 8; 4 with --quick].
+        #[arg(long)]
+        duration: Option<f64>,
+        /// TTR window, ms: 100 ms windows of one VM among several sharing a CPU are too
+        /// noisy (a warm storm's own TTR reached seconds).
+        #[arg(long, default_value_t = 500)]
+        window_ms: u64,
+        /// Guest workload.
+        #[arg(long, default_value = "desktop")]
+        workload: String,
+        /// Work directory (default: a temporary one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where storm.md, storm.jsonl and storm.png go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Only rescore an earlier run's storm.jsonl (times rebuilt from its counts per
+        /// 100 ms) and rewrite storm.md and storm.png.
+        #[arg(long)]
+        from_jsonl: Option<PathBuf>,
     },
     /// The demo: a VM checkpointed, mounted and restored, with its numbers printed.
     Demo {
@@ -400,6 +493,68 @@ fn run(cli: Cli) -> Result<()> {
             };
             let (_keep, dir) = work_dir(dir)?;
             incremental::run(&plan, &dir, &out)?;
+        }
+        Command::Clones {
+            quick,
+            guest_mib,
+            counts,
+            methods,
+            dirty_pct,
+            reps,
+            duration,
+            workload,
+            dir,
+            out,
+            from_jsonl,
+        } => {
+            let plan = clones::Plan {
+                mib: guest_mib.unwrap_or(if quick { 256 } else { 512 }),
+                workload,
+                counts,
+                methods,
+                reps: reps.unwrap_or(if quick { 1 } else { 5 }),
+                dirty_pct,
+                duration,
+            };
+            if let Some(jsonl) = from_jsonl {
+                return clones::render(&plan, &jsonl, &out);
+            }
+            let (_keep, dir) = work_dir(dir)?;
+            clones::run(&plan, &dir, &out)?;
+        }
+        Command::Storm {
+            quick,
+            vms,
+            guest_mib,
+            storage_mbps,
+            methods,
+            reps,
+            duration,
+            window_ms,
+            workload,
+            dir,
+            out,
+            from_jsonl,
+        } => {
+            let methods = methods
+                .iter()
+                .map(|m| restore::Method::parse(m))
+                .collect::<Result<_>>()?;
+            let plan = storm::Plan {
+                vms: vms.unwrap_or(if quick { 4 } else { 8 }),
+                mib: guest_mib.unwrap_or(if quick { 256 } else { 1024 }),
+                workload,
+                mbps: storage_mbps,
+                methods,
+                reps: reps.unwrap_or(if quick { 2 } else { 5 }),
+                duration: duration.unwrap_or(if quick { 4.0 } else { 8.0 }),
+                window_ms,
+            };
+            if let Some(jsonl) = from_jsonl {
+                return storm::render(&plan, &jsonl, &out);
+            }
+            let (_keep, dir) = work_dir(dir)?;
+            storm::run(&plan, &dir, &out)?;
         }
         Command::Demo {
             guest_mib,

@@ -81,6 +81,53 @@ pub fn throughput(out: &Path, title: &str, window_ms: u64, series: &[Series]) ->
     Ok(())
 }
 
+/// Draw `series` of (x, y) points as lines with markers into `out`.
+pub fn lines(
+    out: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(out, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let pts = || series.iter().flat_map(|s| s.1.iter().copied());
+    let max_x = pts().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = pts().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()?;
+    for (i, (label, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 4, Palette99::pick(i).filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()
+        .with_context(|| format!("writing plot {}", out.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
