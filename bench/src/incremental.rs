@@ -443,11 +443,12 @@ fn ttrs(bins: &Bins, vm: &Vm, plan: &Plan, check: &str, results: &mut Results) -
                 runs.push((variant, method, r, times, mount_ms));
             }
         }
-        // The warm rate: eager restores run with every page resident once memory is loaded.
+        // The warm rate: eager restores run with every page resident once memory is
+        // loaded (their rate counts from their first request on).
         let rate = median(
             runs.iter()
                 .filter(|r| r.1 == "eager")
-                .map(|r| ttr::warm_rate(&r.3, ttr::WINDOW_NS))
+                .map(|r| ttr::resident_rate(&r.3, ttr::WINDOW_NS))
                 .collect(),
         )
         .unwrap_or(0.0);

@@ -41,6 +41,18 @@ pub fn warm_rate(times: &[u64], w: u64) -> f64 {
     counts[counts.len() / 2] as f64
 }
 
+/// The warm rate of a run that first loads memory and only then serves (an
+/// eager restore): [`warm_rate`] of its windows from its first completion on,
+/// so the idle load phase (half of a 4 GiB eager run) does not pull the median
+/// to zero.
+pub fn resident_rate(times: &[u64], w: u64) -> f64 {
+    let Some(&first) = times.first() else {
+        return 0.0;
+    };
+    let served: Vec<u64> = times.iter().map(|&t| t - first).collect();
+    warm_rate(&served, w)
+}
+
 /// TTR in nanoseconds for sorted completion `times` (ns since restore started),
 /// given the warm `rate` (requests per window `w`). None if the run never
 /// became responsive before its end.
@@ -77,6 +89,20 @@ pub fn ttr(times: &[u64], rate: f64, w: u64, u: f64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_eager_runs_load_phase_does_not_count_in_its_rate() {
+        let w = 100_000_000;
+        // 6 s loading, then a request every ms for 3 s: 100 per window.
+        let times = steady(6_000_000_000, 9_000_000_000, 1_000_000);
+        assert_eq!(
+            warm_rate(&times, w),
+            0.0,
+            "the plain median sees the idle phase"
+        );
+        assert_eq!(resident_rate(&times, w), 100.0);
+        assert_eq!(resident_rate(&[], w), 0.0);
+    }
 
     /// One request every `gap` ns in [from, to).
     fn steady(from: u64, to: u64, gap: u64) -> Vec<u64> {
