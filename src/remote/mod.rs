@@ -192,3 +192,35 @@ pub fn fetch_manifest(store: &Store) -> Result<manifest::Checked, RemoteError> {
     };
     manifest::Manifest::decode(&bytes).map_err(|what| RemoteError::Corrupt { object, what })
 }
+
+/// xxh3-128 of the first `len` bytes of `file` (the manifest's whole-file
+/// hash: what `push` records and `pull` checks).
+fn file_hash(file: &std::fs::File, path: &std::path::Path, len: u64) -> Result<u128, RemoteError> {
+    use std::os::unix::fs::FileExt;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(RemoteError::io(path))?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.digest128())
+}
+
+/// A progress bar over `len` packs labelled `what` (hidden unless `on`).
+fn packs_bar(on: bool, len: u64, what: &'static str) -> indicatif::ProgressBar {
+    if !on {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} packs ({eta})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
+}

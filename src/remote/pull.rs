@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use object_store::{ObjectStoreExt, path::Path as ObjPath};
-use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+use xxhash_rust::xxh3::xxh3_128;
 
 use super::manifest::Checked;
 use super::store::Store;
@@ -69,7 +69,7 @@ pub fn pull(store: &Store, out: &Path, opts: &PullOptions) -> Result<PullSummary
     f.file()
         .write_all_at(&m.front, 0)
         .map_err(RemoteError::io(out))?;
-    let bar = bar(opts.progress, m.packs.len() as u64);
+    let bar = super::packs_bar(opts.progress, m.packs.len() as u64, "pulling");
     let downloaded = write_blobs(store, &checked, f.file(), out, &bar)?;
     bar.finish_and_clear();
     let h = &checked.header;
@@ -84,7 +84,7 @@ pub fn pull(store: &Store, out: &Path, opts: &PullOptions) -> Result<PullSummary
         .unwrap_or(Path::new("."));
     let tmp = dir.join(f.temp_name());
     let written = File::open(&tmp).map_err(RemoteError::io(&tmp))?;
-    if file_hash(&written, out, m.file_len)? != m.file_hash {
+    if super::file_hash(&written, out, m.file_len)? != m.file_hash {
         return Err(RemoteError::Corrupt {
             object: store.object(&store.url().key(super::manifest::MANIFEST_NAME)),
             what: "the rebuilt checkpoint's hash differs from the pushed one".into(),
@@ -189,32 +189,4 @@ fn write_loading_set(checked: &Checked, out: &Path, opts: &PullOptions, s: &mut 
             s.loading_set_warning = Some(why);
         }
     }
-}
-
-fn file_hash(file: &File, path: &Path, len: u64) -> Result<u128, RemoteError> {
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(RemoteError::io(path))?;
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(h.digest128())
-}
-
-fn bar(on: bool, len: u64) -> indicatif::ProgressBar {
-    if !on {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} packs ({eta})")
-    {
-        bar.set_style(style);
-    }
-    bar.set_message("pulling");
-    bar
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use object_store::{ObjectStoreExt, PutPayload, path::Path as ObjPath};
-use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_128};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 use super::manifest::{self, LoadingSetRecord, Manifest, PackRecord, Slot};
 use super::store::{REQUEST_TIMEOUT, Store};
@@ -114,7 +114,7 @@ pub fn push(path: &Path, store: &Store, opts: &PushOptions) -> Result<PushSummar
         flattened,
         ..PushSummary::default()
     };
-    let bar = progress_bar(opts.progress, ranges.len() as u64);
+    let bar = super::packs_bar(opts.progress, ranges.len() as u64, "pushing");
     let mut packs = Vec::with_capacity(ranges.len());
     let mut slots = vec![Slot { pack: 0, index: 0 }; order.blobs.len()];
     let mut uploads = Vec::new();
@@ -167,7 +167,7 @@ pub fn push(path: &Path, store: &Store, opts: &PushOptions) -> Result<PushSummar
     bar.finish_and_clear();
     let m = Manifest {
         file_len: ck.file_size(),
-        file_hash: file_hash(&file, ck.path(), ck.file_size())?,
+        file_hash: super::file_hash(&file, ck.path(), ck.file_size())?,
         front: read_at(&file, ck.path(), 0, ck.header().blobs_offset)?,
         state: ck.vmm_state().to_vec(),
         packs,
@@ -366,34 +366,6 @@ fn put_manifest(store: &Store, bytes: Vec<u8>) -> Result<u64, RemoteError> {
         Some(Err(source)) => Err(RemoteError::Store { object, source }),
         Some(Ok(_)) => Ok(len),
     }
-}
-
-fn file_hash(file: &File, path: &Path, len: u64) -> Result<u128, RemoteError> {
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(RemoteError::io(path))?;
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(h.digest128())
-}
-
-fn progress_bar(on: bool, len: u64) -> indicatif::ProgressBar {
-    if !on {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} packs ({eta})")
-    {
-        bar.set_style(style);
-    }
-    bar.set_message("pushing");
-    bar
 }
 
 /// Write `ck` (which has parents) as a checkpoint that stands alone: every
