@@ -43,7 +43,7 @@ pub struct CkptfsOpts {
     pub readahead_kb: Option<u32>,
     /// Start the VM at once while the loading set streams in (no `--wait-loading-set`).
     pub no_wait: bool,
-    /// The mount's `--prefetch` policy, if not the default (`all`).
+    /// The mount's `--prefetch` policy, if not the default (`none` with a loading set, else `all`).
     pub prefetch: Option<&'static str>,
     /// The mount's `--background-share`, if not the default.
     pub background_share: Option<u32>,

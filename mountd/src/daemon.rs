@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::thread;
 
 use anyhow::{Context, bail};
+use ckptfs::loadset::LoadingSet;
 use ckptfs::{Checkpoint, PageReader};
 use log::{debug, info, warn};
 
 use crate::fs::{CkptFs, MEMORY_INO, Ownership};
 use crate::kernel::NotifierCache;
 use crate::loader;
-use crate::options::Settings;
+use crate::options::{Policy, Settings};
 use crate::readpath::ReadPath;
 use crate::record::Recorder;
 use crate::scheduler::{Scheduler, Workers};
@@ -299,13 +300,20 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     let recorder = s
         .record
         .then(|| Recorder::new(source.page_count(), s.window));
+    // Read the loading set before `shared` exists: whether there is a usable one decides
+    // the default policy.
+    let local_set = match (&s.loading_set, s.record, s.notify_store) {
+        (Some(path), false, true) => Some((path, LoadingSet::open(path, &*source))),
+        _ => None,
+    };
+    let usable_set = matches!(local_set, Some((_, Ok(_))));
     let config = Config {
         chunk_bytes: s.chunk_bytes,
         cache_bytes: s.cache_bytes,
         policy: if s.record {
-            crate::options::Policy::None
+            Policy::None
         } else {
-            s.policy
+            s.policy.unwrap_or(Policy::default_for(usable_set))
         },
         notify_store: s.notify_store,
         checkpoint_name: s.checkpoint.display().to_string(),
@@ -319,9 +327,9 @@ pub fn serve(s: &Settings, ready: Option<Ready>) -> anyhow::Result<()> {
     if let Some(rc) = &remote {
         crate::remote::start_background(&shared, rc, remote_set.is_some());
     }
-    let set = match (&s.loading_set, s.record, s.notify_store) {
-        (Some(path), false, true) => loader::open(&shared, path),
-        (Some(path), false, false) if path.exists() => {
+    let set = match (local_set, &s.loading_set, s.record, s.notify_store) {
+        (Some((path, opened)), ..) => loader::open(&shared, path, opened),
+        (None, Some(path), false, false) if path.exists() => {
             warn!("mountd: not using the loading set: it needs notify-store");
             None
         }

@@ -32,13 +32,18 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Bytes read per block (one notify-store at most: a FUSE request's size).
 const BLOCK_BYTES: usize = 1 << 20;
 
-/// Open the loading set at `path` for `shared`'s checkpoint and mark it as
-/// loading (so the background sweep waits). A missing file is normal; a bad
+/// Take the loading set at `path` (as `LoadingSet::open` read it, before the daemon built
+/// `shared`: whether there is one decides the default policy) for `shared`'s checkpoint
+/// and mark it as loading (so the background sweep waits). A missing file is normal; a bad
 /// one is a warning and the mount goes on without it.
-pub fn open(shared: &Shared, path: &Path) -> Option<LoadingSet> {
+pub fn open(
+    shared: &Shared,
+    path: &Path,
+    opened: Result<LoadingSet, LoadSetError>,
+) -> Option<LoadingSet> {
     let st = &shared.loadset;
     lock(&st.text).0 = path.display().to_string();
-    match LoadingSet::open(path, &*shared.source) {
+    match opened {
         Ok(set) => {
             let pages: u64 = set.runs().iter().map(|r| u64::from(r.pages)).sum();
             stats::add(&st.pages, pages);

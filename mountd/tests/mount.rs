@@ -582,6 +582,26 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
 }
 
 #[test]
+fn the_default_prefetch_is_none_with_a_usable_loading_set_and_all_without() {
+    let env = Env::new();
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let a = nonzero_run(&ck, 5, 2);
+    let ls = record_loading_set(&env, &[a, a + 1]);
+    let policy = |args: &[&str]| {
+        let m = env.mount(args);
+        let s = settled(&m);
+        s["prefetch_policy"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(policy(&["--wait-loading-set"]), "none");
+    assert_eq!(policy(&["--no-loading-set"]), "all");
+    assert_eq!(policy(&["--wait-loading-set", "--prefetch", "all"]), "all");
+    // A set refused at open is no set: the sweep brings the pages in.
+    let good = fs::read(&ls).unwrap();
+    fs::write(&ls, &good[..good.len() - 1]).unwrap();
+    assert_eq!(policy(&["--wait-loading-set"]), "all");
+}
+
+#[test]
 fn the_tree_is_read_only_and_a_second_or_stale_mount_is_refused_clearly() {
     let env = Env::new();
     let log = env.dir.path().join("mountd.log");
