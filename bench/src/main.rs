@@ -244,7 +244,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "eager-raw,lazy-raw,ckptfs-ls,ckptfs-ls-zero,ckptfs-ls-pnone,warm"
+            default_value = "eager-raw,lazy-raw,ckptfs-ls,ckptfs-ls-zero,ckptfs-ls-pall,warm"
         )]
         methods: Vec<String>,
         /// Repetitions [default: 5; 2 with --quick].
