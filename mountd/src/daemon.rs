@@ -282,6 +282,8 @@ fn open_source(s: &Settings) -> anyhow::Result<Source> {
     let reader = mount_reader(s)?;
     let opts = ckptfs::OpenOptions {
         reader: Some(reader),
+        // What the daemon rebuilds lives on in the page cache of `memory`.
+        drop_read_blobs: true,
         ..Default::default()
     };
     let ckpt = Checkpoint::open_with(&s.checkpoint, &opts)?;

@@ -582,6 +582,34 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
 }
 
 #[test]
+fn stored_pages_are_not_cached_twice() {
+    let env = Env::new();
+    let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
+    let h = ck.header().clone();
+    assert!(h.blob_count > 16, "the fixture stores pages");
+    // Cold checkpoint, then every page of `memory` read through the mount.
+    {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(&env.fx.ckpt).unwrap();
+        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    let m = env.mount(&["--prefetch", "none"]);
+    assert!(fs::read(env.memory()).unwrap() == env.original());
+    let s = m.stats();
+    assert!(s["bytes_by_source"]["blob"].as_u64().unwrap() > 0, "{s}");
+    // The rebuilt pages are in the page cache of `memory`, not of the checkpoint too.
+    let len = fs::metadata(&env.fx.ckpt).unwrap().len() as usize;
+    let cached = cached_pages(&env.fx.ckpt, len);
+    let first = (h.blobs_offset / PAGE as u64) as usize;
+    let blobs = &cached[first..first + h.blob_count as usize];
+    let held = blobs.iter().filter(|&&c| c).count();
+    assert_eq!(held, 0, "{held} of {} stored pages still cached", blobs.len());
+    let mem_len = (common::GUEST_MIB << 20) as usize;
+    assert!(cached_pages(&env.memory(), mem_len).iter().all(|&c| c));
+}
+
+#[test]
 fn the_default_prefetch_is_none_with_a_usable_loading_set_and_all_without() {
     let env = Env::new();
     let ck = Checkpoint::open(&env.fx.ckpt).unwrap();

@@ -238,6 +238,12 @@ pub struct OpenOptions {
     /// Serve only what this user may read: the checkpoint, every disk image
     /// and every parent is checked before it is opened (None: no check).
     pub reader: Option<crate::input::Reader>,
+    /// Once stored pages are read (of this file or a parent), ask the kernel
+    /// to drop them from the page cache (`POSIX_FADV_DONTNEED`): for a lazy
+    /// restore, whose rebuilt pages live on in the page cache of the file it
+    /// serves, so they are not cached twice. Disk-image pages are kept (the
+    /// VM's own disk reads and other checkpoints of the same image share them).
+    pub drop_read_blobs: bool,
 }
 
 /// A disk image or parent that an `allow_missing` open could not use.
@@ -288,8 +294,8 @@ impl Ancestor {
         &self.header
     }
 
-    fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
-        read_blobs(&self.file, &self.header, b, out)
+    fn read_blobs(&self, b: BlobIndex, out: &mut [u8], drop: bool) -> io::Result<()> {
+        read_blobs(&self.file, &self.header, b, out, drop)
     }
 
     /// Its identity ([`Checkpoint::identity`]).
@@ -330,9 +336,25 @@ fn read_blobs(
     header: &Header,
     b: BlobIndex,
     out: &mut [u8],
+    drop: bool,
 ) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    file.read_exact_at(out, header.blobs_offset + b.0 * PAGE_SIZE_U64)
+    let offset = header.blobs_offset + b.0 * PAGE_SIZE_U64;
+    file.read_exact_at(out, offset)?;
+    if drop {
+        // Blobs are whole pages at a page-aligned offset: exactly these pages go.
+        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                offset as libc::off_t,
+                out.len() as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+    Ok(())
 }
 
 /// An open checkpoint: header validated, page table in memory, blobs read
@@ -353,6 +375,7 @@ pub struct Checkpoint {
     ancestors: Vec<Ancestor>,
     resolved: parents::Resolved,
     missing: Vec<Missing>,
+    drop_read_blobs: bool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -404,6 +427,7 @@ impl Checkpoint {
             ancestors: Vec::new(),
             resolved: parents::Resolved::default(),
             missing: Vec::new(),
+            drop_read_blobs: opts.drop_read_blobs,
         };
         ck.open_disks(opts, &mut walk.disks)?;
         ck.open_parents(opts, depth, walk)?;
@@ -656,7 +680,7 @@ impl Checkpoint {
 
     /// Read blobs `b, b + 1, ...` (as many as `out` holds; in range).
     fn read_blobs(&self, b: BlobIndex, out: &mut [u8]) -> io::Result<()> {
-        read_blobs(&self.file, &self.header, b, out)
+        read_blobs(&self.file, &self.header, b, out, self.drop_read_blobs)
     }
 }
 

@@ -45,7 +45,7 @@ impl Checkpoint {
                     let run = self.run_len(page, entry.source, n - i)?;
                     let len = run as usize * PAGE_SIZE;
                     let a = &self.ancestors[usize::from(ancestor.0)];
-                    a.read_blobs(blob, &mut buf[..len])
+                    a.read_blobs(blob, &mut buf[..len], self.drop_read_blobs)
                         .map_err(|source| self.blob_error(page, &a.path, source))?;
                     counts.blob_bytes += len as u64;
                     run
