@@ -42,8 +42,14 @@ pub struct Plan {
 pub struct Step {
     /// Wall time, ms.
     pub ms: f64,
-    /// Peak resident set (`ru_maxrss`), bytes.
+    /// Peak resident set (`ru_maxrss`), bytes: anonymous pages and mapped file pages.
     pub peak_rss: u64,
+    /// Peak anonymous bytes (sampled every 100 ms): what the process itself allocated.
+    #[serde(default)]
+    pub peak_anon: u64,
+    /// Peak mapped file bytes (sampled): page cache it maps, shared, evictable.
+    #[serde(default)]
+    pub peak_file: u64,
 }
 
 /// One restore of the large guest.
@@ -110,6 +116,7 @@ fn measured(cmd: &mut Command) -> Result<(String, Step)> {
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let pid = child.id();
+    let sampler = Sampler::start(pid, None);
     let mut out = child.stdout.take().context("no stdout")?;
     let reader = thread::spawn(move || {
         let mut s = String::new();
@@ -119,13 +126,27 @@ fn measured(cmd: &mut Command) -> Result<(String, Step)> {
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     // The child was reaped by wait4: std must not wait for it again.
     std::mem::forget(child);
+    let series = sampler.finish();
     let stdout = reader.join().expect("reader thread")?;
     ensure!(
         status.success(),
         "{cmd:?} failed ({status}): {}",
         stdout.lines().last().unwrap_or("")
     );
-    Ok((stdout, Step { ms, peak_rss: rss }))
+    Ok((
+        stdout,
+        Step {
+            ms,
+            peak_rss: rss,
+            peak_anon: peak_of(&series, |s| s.1),
+            peak_file: peak_of(&series, |s| s.2),
+        },
+    ))
+}
+
+/// Peak of one column of a sampler's series, bytes.
+fn peak_of(series: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64) -> u64 {
+    (series.iter().map(f).fold(0.0, f64::max) * MIB) as u64
 }
 
 /// Reaps `pid`: its exit status and peak RSS in bytes.
@@ -190,7 +211,12 @@ impl Sampler {
     }
 }
 
+/// The JSON a command printed: all of its stdout (`ckptfs inspect --json` prints a
+/// pretty document), else its last line that is an object (vmm-lite's reports).
 fn json_of(stdout: &str) -> Result<serde_json::Value> {
+    if let Ok(v) = serde_json::from_str(stdout) {
+        return Ok(v);
+    }
     let last = stdout
         .lines()
         .rev()
@@ -379,7 +405,6 @@ fn restore(bins: &Bins, plan: &Plan, dir: &Path, check: &str, method: &str) -> R
     };
     drop(mount);
     let times = fleet::timeline(&r.timeline, launched)?;
-    let peak = |f: fn(&(f64, f64, f64, f64)) -> f64| series.iter().map(f).fold(0.0, f64::max) * MIB;
     Ok(RestoreRun {
         method: method.into(),
         mount_ms: if method == "ckptfs" { mount_ms } else { 0.0 },
@@ -389,9 +414,11 @@ fn restore(bins: &Bins, plan: &Plan, dir: &Path, check: &str, method: &str) -> R
         vmm: Step {
             ms: total_ms,
             peak_rss: rss,
+            peak_anon: peak_of(&series, |s| s.1),
+            peak_file: peak_of(&series, |s| s.2),
         },
-        vmm_peak_anon: peak(|s| s.1) as u64,
-        vmm_peak_file: peak(|s| s.2) as u64,
+        vmm_peak_anon: peak_of(&series, |s| s.1),
+        vmm_peak_file: peak_of(&series, |s| s.2),
         daemon_peak_rss,
         daemon_read_bytes,
         check_ok: report["check"].as_str() == Some(check),
@@ -492,6 +519,15 @@ fn render_runs(plan: &Plan, runs: &[SizeRun], out: &Path) -> Result<()> {
     Ok(())
 }
 
+fn rss(s: &Step) -> String {
+    format!(
+        "{} MiB ({} / {})",
+        mib(s.peak_rss),
+        mib(s.peak_anon),
+        mib(s.peak_file)
+    )
+}
+
 fn mib(b: u64) -> String {
     format!("{:.0}", b as f64 / MIB)
 }
@@ -520,7 +556,7 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
     );
     let _ = writeln!(
         s,
-        "| guest | disk | boot + checkpoint (vmm-lite run) | its save | run peak RSS | ckptfs create (scan) | create peak RSS | verify | verify peak RSS | checkpoint | scan's | page table |"
+        "| guest | disk | boot + checkpoint (vmm-lite run) | its save | run peak RSS (anon / file) | ckptfs create (scan) | create peak RSS (anon / file) | verify | verify peak RSS (anon / file) | checkpoint | scan's | page table |"
     );
     let _ = writeln!(
         s,
@@ -529,17 +565,17 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} GiB | {} GiB | {:.1} s (boot {:.1} s) | {:.1} s | {} MiB | {:.1} s | {} MiB | {:.1} s | {} MiB | {} MiB | {} MiB | {} MiB |",
+            "| {} GiB | {} GiB | {:.1} s (boot {:.1} s) | {:.1} s | {} | {:.1} s | {} | {:.1} s | {} | {} MiB | {} MiB | {} MiB |",
             r.gib,
             r.disk_gib,
             r.run.ms / 1e3,
             r.boot_ms / 1e3,
             r.save_ms / 1e3,
-            mib(r.run.peak_rss),
+            rss(&r.run),
             r.create.ms / 1e3,
-            mib(r.create.peak_rss),
+            rss(&r.create),
             r.verify.ms / 1e3,
-            mib(r.verify.peak_rss),
+            rss(&r.verify),
             mib(r.ckpt_bytes),
             mib(r.scan_ckpt_bytes),
             format!("{:.1}", r.table_bytes as f64 / MIB),
@@ -583,10 +619,10 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
             slope(runs, |r| Some(r.table_bytes)).unwrap_or(f64::NAN)
         );
     }
-    if let Some(k) = slope(runs, |r| Some(r.create.peak_rss)) {
+    if let Some(k) = slope(runs, |r| Some(r.create.peak_anon)) {
         let _ = writeln!(
             s,
-            "`ckptfs create` peak RSS per GiB of guest: {k:.2} MiB/GiB."
+            "`ckptfs create` peak anonymous memory per GiB of guest: {k:.2} MiB/GiB."
         );
     }
     s
