@@ -14,6 +14,8 @@ pub struct Bins {
     pub vmm: PathBuf,
     /// ckptfs-mountd.
     pub mountd: PathBuf,
+    /// The ckptfs CLI.
+    pub ckptfs: PathBuf,
 }
 
 impl Bins {
@@ -26,8 +28,9 @@ impl Bins {
         let bins = Bins {
             vmm: dir.join("vmm-lite"),
             mountd: dir.join("ckptfs-mountd"),
+            ckptfs: dir.join("ckptfs"),
         };
-        for p in [&bins.vmm, &bins.mountd] {
+        for p in [&bins.vmm, &bins.mountd, &bins.ckptfs] {
             ensure!(
                 p.exists(),
                 "{} is not built; run `cargo build --release --workspace`",

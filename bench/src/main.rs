@@ -1,5 +1,6 @@
 //! ckptfs benchmarks and the demo.
 
+mod big;
 mod clones;
 mod create;
 mod demo;
@@ -222,6 +223,38 @@ enum Command {
         out: PathBuf,
         /// Only redraw clones.md and clones.png from this clones.jsonl (the plan's
         /// options must match the run's).
+        #[arg(long)]
+        from_jsonl: Option<PathBuf>,
+    },
+    /// One large guest (16 GiB) through the whole pipeline: boot and checkpoint, create
+    /// from its raw dump, verify, mount, restore cold with its CHECK; wall times and peak
+    /// RSS of every step (create, daemon, VMM), page-table size; a 1 GiB guest is run the
+    /// same way first, for the per-GiB slope.
+    Big {
+        /// 1 and 6 GiB (a few minutes; 6 GiB crosses 4 GiB and the APIC page); the full
+        /// run is 1 and 16 GiB.
+        #[arg(long)]
+        quick: bool,
+        /// Guest sizes in GiB, comma separated [default: 1,16; 1,6 with --quick].
+        #[arg(long, value_delimiter = ',')]
+        sizes: Option<Vec<u64>>,
+        /// Guest workload.
+        #[arg(long, default_value = "mixed")]
+        workload: String,
+        /// The daemon's --cache-mb.
+        #[arg(long, default_value_t = 256)]
+        cache_mb: u64,
+        /// Seconds each restored VM serves requests before its CHECK.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Work directory (default: a temporary one under /var/tmp; needs about 1.6 x the
+        /// largest guest free).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where big.md, big.jsonl and big.png go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Only redraw big.md and big.png from this big.jsonl.
         #[arg(long)]
         from_jsonl: Option<PathBuf>,
     },
@@ -521,6 +554,28 @@ fn run(cli: Cli) -> Result<()> {
             }
             let (_keep, dir) = work_dir(dir)?;
             clones::run(&plan, &dir, &out)?;
+        }
+        Command::Big {
+            quick,
+            sizes,
+            workload,
+            cache_mb,
+            duration,
+            dir,
+            out,
+            from_jsonl,
+        } => {
+            let plan = big::Plan {
+                sizes_gib: sizes.unwrap_or_else(|| big::default_sizes(quick)),
+                workload,
+                cache_mb,
+                duration,
+            };
+            if let Some(jsonl) = from_jsonl {
+                return big::render(&plan, &jsonl, &out);
+            }
+            let (_keep, dir) = work_dir(dir)?;
+            big::run(&plan, &dir, &out)?;
         }
         Command::Storm {
             quick,

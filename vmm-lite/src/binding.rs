@@ -50,7 +50,7 @@ pub fn binding_pages(rsp: u64) -> Vec<u64> {
     let page = |addr: u64| addr / abi::PAGE_SIZE;
     let top = page(abi::STACK_TOP);
     let lowest = page(rsp).clamp(top - MAX_STACK_PAGES, top - 1);
-    let tables = page(abi::PML4_ADDR)..page(abi::PD_ADDR) + abi::PD_COUNT;
+    let tables = page(abi::PML4_ADDR)..page(abi::PD_ADDR) + abi::PD_LOW_COUNT;
     tables
         .chain([page(abi::BOOT_INFO_ADDR)])
         .chain(lowest..top)

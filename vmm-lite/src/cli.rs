@@ -44,7 +44,7 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest RAM, e.g. 64M (multiple of 2 MiB, 4M..4G).
+    /// Guest RAM, e.g. 64M (multiple of 2 MiB, 4M..64G).
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     mem: u64,
     /// Disk image (never modified: guest writes stay in an overlay saved with the state).

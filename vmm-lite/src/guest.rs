@@ -175,14 +175,25 @@ pub fn set_session(mem: &mut GuestMemory, seed: u64) {
     .expect("boot info below MIN_MEM");
 }
 
+/// Guest physical address of page directory `pd` (see [`abi::PD_HIGH_ADDR`]).
+fn pd_addr(pd: u64) -> u64 {
+    if pd < abi::PD_LOW_COUNT {
+        abi::PD_ADDR + pd * abi::PAGE_SIZE
+    } else {
+        abi::PD_HIGH_ADDR + (pd - abi::PD_LOW_COUNT) * abi::PAGE_SIZE
+    }
+}
+
 /// PML4[0] -> PDPT; PDPT[i] -> PD i; each PD maps 1 GiB with 2 MiB pages: identity map of
-/// [0, MAX_MEM), which covers any supported RAM size.
+/// RAM (at least the first 4 GiB, as vmm-lite always did, so small guests' memory is
+/// byte for byte what it was).
 fn write_page_tables(mem: &mut GuestMemory) {
     let entry = |addr: u64| (addr | PTE_PRESENT | PTE_WRITABLE).to_le_bytes();
     mem.write(abi::PML4_ADDR, &entry(abi::PDPT_ADDR))
         .expect("in RAM");
-    for pd in 0..abi::PD_COUNT {
-        let pd_addr = abi::PD_ADDR + pd * abi::PAGE_SIZE;
+    let pds = mem.size().div_ceil(1 << 30).max(abi::PD_LOW_COUNT);
+    for pd in 0..pds {
+        let pd_addr = pd_addr(pd);
         mem.write(abi::PDPT_ADDR + pd * 8, &entry(pd_addr))
             .expect("in RAM");
         let table: Vec<u8> = (0..512u64)

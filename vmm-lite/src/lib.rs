@@ -10,7 +10,7 @@
 //! restored VM, incrementally against the checkpoint it came from ([`save`]).
 //!
 //! The guest ([`guest`], source in vmm-lite/guest) sees this machine (see [`abi`]):
-//! - RAM at guest physical 0, identity mapped with 2 MiB pages up to 4 GiB; boot info at
+//! - RAM at guest physical 0, identity mapped with 2 MiB pages (up to 64 GiB); boot info at
 //!   0x7000, image at 0x10_0000, stack below 0x20_0000, workload memory ("heap") above.
 //! - ports: 0x3f8 log byte; 0x510 block request address; 0x520 `in` next request;
 //!   0x524 response high half; 0x528 response low half (completes the request); 0x530 hash

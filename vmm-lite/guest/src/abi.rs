@@ -13,9 +13,11 @@
 // 0x0000_0500  | GDT (null, code, data) |
 // 0x0000_1000  | PML4                   |
 // 0x0000_2000  | PDPT                   |
-// 0x0000_3000  | 4 page directories     |  2 MiB pages, 4 GiB
+// 0x0000_3000  | 4 page directories     |  2 MiB pages, the first 4 GiB
 // 0x0000_7000  | boot info              |  written by the VMM before the first run (session
 //              |                        |  seed: again at each restore)
+// 0x0000_8000  | 60 page directories    |  the rest, up to 64 GiB (written only as far as
+//              |                        |  RAM goes: a guest of 4 GiB or less has none)
 // 0x0010_0000  | guest image            |  .text .rodata .data .bss (<= 512 KiB)
 // 0x0018_0000  | stack (grows down)     |
 // 0x0020_0000  | heap: the workload's   |  page cache | computed data | untouched zero
@@ -33,8 +35,13 @@ pub const PML4_ADDR: u64 = 0x1000;
 pub const PDPT_ADDR: u64 = 0x2000;
 /// Guest physical address of the first of [`PD_COUNT`] page directories.
 pub const PD_ADDR: u64 = 0x3000;
-/// Page directories (each maps 1 GiB with 2 MiB pages).
-pub const PD_COUNT: u64 = 4;
+/// Page directories at [`PD_ADDR`] (each maps 1 GiB with 2 MiB pages): the first 4 GiB.
+pub const PD_LOW_COUNT: u64 = 4;
+/// Guest physical address of the page directories past the first [`PD_LOW_COUNT`] (guests
+/// over 4 GiB; the layout below 4 GiB stays what it always was).
+pub const PD_HIGH_ADDR: u64 = 0x8000;
+/// Page directories in all.
+pub const PD_COUNT: u64 = 64;
 /// Guest physical address of the boot info block.
 pub const BOOT_INFO_ADDR: u64 = 0x7000;
 /// Load address and entry point of the guest image.
@@ -46,8 +53,9 @@ pub const STACK_TOP: u64 = 0x20_0000;
 /// First byte of the memory the workload manages.
 pub const HEAP_ADDR: u64 = 0x20_0000;
 /// The local APIC's default base: KVM here turns guest accesses to this page into MMIO exits
-/// even without an in-kernel irqchip, so RAM there is not usable by the guest (only the
-/// desktop workload would reach it; it keeps its segments below).
+/// even without an in-kernel irqchip, so RAM there is not usable by the guest. The desktop
+/// workload keeps its segments below it; the others skip this one page in their heap (see
+/// the guest's `workload::page_addr`).
 pub const APIC_HOLE_ADDR: u64 = 0xfee0_0000;
 /// Smallest guest RAM size.
 pub const MIN_MEM: u64 = 4 << 20;

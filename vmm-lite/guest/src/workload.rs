@@ -59,14 +59,38 @@ pub struct State {
 }
 
 pub fn page(heap_page: u64) -> &'static mut Page {
-    let addr = abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE;
+    let addr = page_addr(heap_page);
     // SAFETY: callers pass heap pages below `heap_pages`, which are guest RAM that only this
     // program uses; requests run one at a time, so no two references are live at once.
     unsafe { &mut *(addr as *mut Page) }
 }
 
+/// Heap page index of the APIC page ([`abi::APIC_HOLE_ADDR`]).
+const APIC_HEAP_PAGE: u64 = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE;
+
+/// Guest address of heap page `heap_page`: heap pages are numbered without the APIC page,
+/// which pages from it up skip (only guests over 4 GiB reach it: the desktop keeps below
+/// it and the others fill at most 3/4 of a 4 GiB heap).
 pub fn page_addr(heap_page: u64) -> u64 {
-    abi::HEAP_ADDR + heap_page * abi::PAGE_SIZE
+    let skip = u64::from(heap_page >= APIC_HEAP_PAGE);
+    abi::HEAP_ADDR + (heap_page + skip) * abi::PAGE_SIZE
+}
+
+/// Heap pages of a guest of `mem_size` bytes: from [`abi::HEAP_ADDR`] to the end of RAM,
+/// less the APIC page if RAM covers it.
+pub fn heap_pages(mem_size: u64) -> u64 {
+    let pages = mem_size.saturating_sub(abi::HEAP_ADDR) / abi::PAGE_SIZE;
+    pages - u64::from(pages > APIC_HEAP_PAGE)
+}
+
+/// Of `n` heap pages from `first`, how many are contiguous in guest memory (a disk read
+/// into them must stop at the APIC page).
+pub fn contiguous(first: u64, n: u64) -> u64 {
+    if first < APIC_HEAP_PAGE && first + n > APIC_HEAP_PAGE {
+        APIC_HEAP_PAGE - first
+    } else {
+        n
+    }
 }
 
 /// splitmix64 finaliser: computed data that is neither zero nor on disk.
@@ -133,7 +157,7 @@ impl Session {
 impl State {
     /// Lays out the heap for the boot info's workload and fills it.
     pub fn init(info: &BootInfo) -> Self {
-        let heap_pages = info.mem_size.saturating_sub(abi::HEAP_ADDR) / abi::PAGE_SIZE;
+        let heap_pages = heap_pages(info.mem_size);
         let disk_pages = info.disk_size / abi::PAGE_SIZE;
         let mut desk = Desktop::default();
         let (cache_pages, anon_pages) = match info.workload {
@@ -195,7 +219,7 @@ impl State {
     fn fill_cache(&mut self) {
         let mut first = 0;
         while first < self.cache_pages {
-            let n = READ_CHUNK_PAGES.min(self.cache_pages - first);
+            let n = contiguous(first, READ_CHUNK_PAGES.min(self.cache_pages - first));
             for p in first..first + n {
                 page(p)[0] = 0;
             }
@@ -360,7 +384,8 @@ impl State {
         if self.dirtied != 0 {
             h ^= hash_words(&[self.dirtied], 2);
         }
-        let heap = io::hash_memory(abi::HEAP_ADDR, self.heap_pages * abi::PAGE_SIZE);
+        // To the end of RAM (the APIC page included: the device reads RAM, not the APIC).
+        let heap = io::hash_memory(abi::HEAP_ADDR, page_addr(self.heap_pages) - abi::HEAP_ADDR);
         let h = mix(h ^ heap);
         // Never 0, and the high half is never 0 either, so the response always carries 64 bits.
         h | (1 << 63)
