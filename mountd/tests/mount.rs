@@ -396,8 +396,8 @@ fn cached_pages(memory: &Path, len: usize) -> Vec<bool> {
     // SAFETY: a read-only mapping of a file the daemon never truncates; it is
     // only passed to mincore, never read.
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }.unwrap();
-    let mut vec = vec![0u8; len / PAGE];
-    // SAFETY: `map` covers `len` bytes; `vec` has one byte per page.
+    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `map` covers `len` bytes; `vec` has one byte per page, the last partial one too.
     let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, len, vec.as_mut_ptr()) };
     assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
     vec.iter().map(|b| b & 1 == 1).collect()
