@@ -604,7 +604,12 @@ fn stored_pages_are_not_cached_twice() {
     let first = (h.blobs_offset / PAGE as u64) as usize;
     let blobs = &cached[first..first + h.blob_count as usize];
     let held = blobs.iter().filter(|&&c| c).count();
-    assert_eq!(held, 0, "{held} of {} stored pages still cached", blobs.len());
+    assert_eq!(
+        held,
+        0,
+        "{held} of {} stored pages still cached",
+        blobs.len()
+    );
     let mem_len = (common::GUEST_MIB << 20) as usize;
     assert!(cached_pages(&env.memory(), mem_len).iter().all(|&c| c));
 }
