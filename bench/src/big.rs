@@ -565,7 +565,7 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
     for r in runs {
         let _ = writeln!(
             s,
-            "| {} GiB | {} GiB | {:.1} s (boot {:.1} s) | {:.1} s | {} | {:.1} s | {} | {:.1} s | {} | {} MiB | {} MiB | {} MiB |",
+            "| {} GiB | {} GiB | {:.1} s (boot {:.1} s) | {:.1} s | {} | {:.1} s | {} | {:.1} s | {} | {} MiB | {} MiB | {:.1} MiB |",
             r.gib,
             r.disk_gib,
             r.run.ms / 1e3,
@@ -578,7 +578,7 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
             rss(&r.verify),
             mib(r.ckpt_bytes),
             mib(r.scan_ckpt_bytes),
-            format!("{:.1}", r.table_bytes as f64 / MIB),
+            r.table_bytes as f64 / MIB,
         );
     }
     let _ = writeln!(
