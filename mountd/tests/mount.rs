@@ -585,7 +585,7 @@ fn foreign_or_damaged_loading_sets_are_refused_and_the_mount_serves_right_bytes(
 fn stored_pages_are_not_cached_twice() {
     let env = Env::new();
     let ck = Checkpoint::open(&env.fx.ckpt).unwrap();
-    let h = ck.header().clone();
+    let h = *ck.header();
     assert!(h.blob_count > 16, "the fixture stores pages");
     // Cold checkpoint, then every page of `memory` read through the mount.
     {
