@@ -78,7 +78,7 @@ pub struct RestoreRun {
     /// The final CHECK equals the checkpoint's.
     pub check_ok: bool,
     /// (seconds, VMM anon MiB, VMM file MiB, daemon MiB) every 100 ms.
-    pub series: Vec<(f64, f64, f64, f64)>,
+    pub series: Vec<Sample>,
 }
 
 /// Everything measured for one guest size.
@@ -112,11 +112,18 @@ pub struct SizeRun {
 
 /// Runs `cmd` to completion; its stdout, and its wall time and `ru_maxrss`.
 fn measured(cmd: &mut Command) -> Result<(String, Step)> {
+    let (stdout, step, _) = sampled(cmd, None)?;
+    Ok((stdout, step))
+}
+
+/// Runs `cmd` to completion, sampling its memory (and `daemon`'s RSS) every 100 ms: its
+/// stdout, its wall time and peaks, and the samples.
+fn sampled(cmd: &mut Command, daemon: Option<u32>) -> Result<(String, Step, Vec<Sample>)> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let pid = child.id();
-    let sampler = Sampler::start(pid, None);
+    let sampler = Sampler::start(pid, daemon);
     let mut out = child.stdout.take().context("no stdout")?;
     let reader = thread::spawn(move || {
         let mut s = String::new();
@@ -133,19 +140,20 @@ fn measured(cmd: &mut Command) -> Result<(String, Step)> {
         "{cmd:?} failed ({status}): {}",
         stdout.lines().last().unwrap_or("")
     );
-    Ok((
-        stdout,
-        Step {
-            ms,
-            peak_rss: rss,
-            peak_anon: peak_of(&series, |s| s.1),
-            peak_file: peak_of(&series, |s| s.2),
-        },
-    ))
+    let step = Step {
+        ms,
+        peak_rss: rss,
+        peak_anon: peak_of(&series, |s| s.1),
+        peak_file: peak_of(&series, |s| s.2),
+    };
+    Ok((stdout, step, series))
 }
 
+/// (seconds, anonymous MiB, mapped file MiB, daemon RSS MiB).
+type Sample = (f64, f64, f64, f64);
+
 /// Peak of one column of a sampler's series, bytes.
-fn peak_of(series: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64) -> u64 {
+fn peak_of(series: &[Sample], f: fn(&Sample) -> f64) -> u64 {
     (series.iter().map(f).fold(0.0, f64::max) * MIB) as u64
 }
 
@@ -180,7 +188,7 @@ fn status_field(pid: u32, key: &str) -> u64 {
 /// Samples the VMM's anonymous and file pages and the daemon's RSS every 100 ms.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: thread::JoinHandle<Vec<(f64, f64, f64, f64)>>,
+    handle: thread::JoinHandle<Vec<Sample>>,
 }
 
 impl Sampler {
@@ -205,7 +213,7 @@ impl Sampler {
         Sampler { stop, handle }
     }
 
-    fn finish(self) -> Vec<(f64, f64, f64, f64)> {
+    fn finish(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("sampler thread")
     }
@@ -214,15 +222,7 @@ impl Sampler {
 /// The JSON a command printed: all of its stdout (`ckptfs inspect --json` prints a
 /// pretty document), else its last line that is an object (vmm-lite's reports).
 fn json_of(stdout: &str) -> Result<serde_json::Value> {
-    if let Ok(v) = serde_json::from_str(stdout) {
-        return Ok(v);
-    }
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .context("no JSON report")?;
-    Ok(serde_json::from_str(last)?)
+    serde_json::from_str(stdout).or_else(|_| fleet::last_json(stdout))
 }
 
 fn gib_arg(gib: u64) -> String {
@@ -379,21 +379,8 @@ fn restore(bins: &Bins, plan: &Plan, dir: &Path, check: &str, method: &str) -> R
         timeline: dir.join(format!("timeline-{method}.jsonl")),
     };
     let launched = t0.elapsed().as_nanos() as u64;
-    let mut cmd = r.command(bins);
-    let mut child = cmd.spawn().context("starting vmm-lite")?;
-    let pid = child.id();
-    let sampler = Sampler::start(pid, mount.as_ref().map(|m| m.pid));
-    let mut out = child.stdout.take().context("no stdout")?;
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).map(|_| s)
-    });
-    let (status, rss) = wait4(pid)?;
+    let (stdout, vmm, series) = sampled(&mut r.command(bins), mount.as_ref().map(|m| m.pid))?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    std::mem::forget(child);
-    let series = sampler.finish();
-    let stdout = reader.join().expect("reader thread")?;
-    ensure!(status.success(), "vmm-lite restore failed ({status})");
     let report = json_of(&stdout)?;
     let (daemon_peak_rss, daemon_read_bytes) = match &mount {
         Some(m) => (status_field(m.pid, "VmHWM"), {
@@ -411,14 +398,9 @@ fn restore(bins: &Bins, plan: &Plan, dir: &Path, check: &str, method: &str) -> R
         first_response_ms: times[0] as f64 / 1e6,
         total_ms,
         requests: times.len() as u64,
-        vmm: Step {
-            ms: total_ms,
-            peak_rss: rss,
-            peak_anon: peak_of(&series, |s| s.1),
-            peak_file: peak_of(&series, |s| s.2),
-        },
-        vmm_peak_anon: peak_of(&series, |s| s.1),
-        vmm_peak_file: peak_of(&series, |s| s.2),
+        vmm_peak_anon: vmm.peak_anon,
+        vmm_peak_file: vmm.peak_file,
+        vmm,
         daemon_peak_rss,
         daemon_read_bytes,
         check_ok: report["check"].as_str() == Some(check),
@@ -632,7 +614,7 @@ fn plot(out: &Path, plan: &Plan, r: &SizeRun) -> Result<()> {
     let Some(x) = ckptfs_restore(r) else {
         return Ok(());
     };
-    let pick = |f: fn(&(f64, f64, f64, f64)) -> f64| -> Vec<(f64, f64)> {
+    let pick = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
         x.series.iter().map(|p| (p.0, f(p))).collect()
     };
     crate::plot::lines(

@@ -51,7 +51,8 @@ pub fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
     last_json(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn last_json(text: &str) -> Result<serde_json::Value> {
+/// The last line of `text` that is a JSON object, parsed.
+pub fn last_json(text: &str) -> Result<serde_json::Value> {
     let last = text
         .lines()
         .rev()
