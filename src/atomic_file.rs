@@ -86,6 +86,77 @@ pub fn clean_up_on_signals() {
     }
 }
 
+/// Writing a checkpoint through an [`AtomicFile`] failed: which step, and the output path.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The temporary file could not be created.
+    #[error("creating a temporary file beside {path}")]
+    TempFile {
+        /// The output path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the checkpoint failed.
+    #[error("writing checkpoint {path}")]
+    Write {
+        /// The output path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Flushing the checkpoint to stable storage failed.
+    #[error("flushing checkpoint {path} to disk")]
+    Fsync {
+        /// The output path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Renaming the finished file into place failed.
+    #[error("renaming the finished checkpoint into place as {path}")]
+    Rename {
+        /// The output path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OutputError {
+    /// The step's error constructor for `path`, for `map_err`.
+    pub fn at(
+        path: &Path,
+        step: fn(PathBuf, io::Error) -> OutputError,
+    ) -> impl FnOnce(io::Error) -> OutputError + '_ {
+        move |source| step(path.to_owned(), source)
+    }
+
+    /// Creating the temporary file.
+    pub fn temp_file(path: PathBuf, source: io::Error) -> Self {
+        OutputError::TempFile { path, source }
+    }
+
+    /// Writing.
+    pub fn write(path: PathBuf, source: io::Error) -> Self {
+        OutputError::Write { path, source }
+    }
+
+    /// Flushing.
+    pub fn fsync(path: PathBuf, source: io::Error) -> Self {
+        OutputError::Fsync { path, source }
+    }
+
+    /// Renaming into place.
+    pub fn rename(path: PathBuf, source: io::Error) -> Self {
+        OutputError::Rename { path, source }
+    }
+}
+
 /// A file being written; it appears at its target path only on [`commit`](Self::commit).
 #[derive(Debug)]
 pub struct AtomicFile {

@@ -21,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::atomic_file::{self, AtomicFile};
+use crate::atomic_file::{self, AtomicFile, OutputError};
 use crate::checkpoint::{Checkpoint, PageSource, ReadError};
 use crate::format::{CheckpointWriter, DiskRecord, Location};
 use crate::types::{BlobIndex, DiskIndex, PAGE_SIZE, PageIndex};
@@ -75,42 +75,9 @@ pub enum FlattenError {
         #[source]
         source: ReadError,
     },
-    /// The temporary file could not be created.
-    #[error("creating a temporary file beside {path}")]
-    TempFile {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Writing the new checkpoint failed.
-    #[error("writing checkpoint {path}")]
-    Write {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Flushing it to stable storage failed.
-    #[error("flushing checkpoint {path} to disk")]
-    Fsync {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Renaming the finished file into place failed.
-    #[error("renaming the finished checkpoint into place as {path}")]
-    Rename {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    /// Writing the output file failed.
+    #[error(transparent)]
+    Output(#[from] crate::atomic_file::OutputError),
 }
 
 /// Write a self-contained copy of `ck` (open, parents resolved) to `out`.
@@ -126,10 +93,8 @@ pub fn flatten(
     let (disk_map, records) = used_disks(ck)?;
     let modes = std::iter::once(ck.file_mode()).chain(ck.ancestors().iter().map(|a| a.file_mode()));
     let mode = atomic_file::mode_from_inputs(modes);
-    let mut file = AtomicFile::create(out, mode).map_err(|source| FlattenError::TempFile {
-        path: out.to_owned(),
-        source,
-    })?;
+    let mut file =
+        AtomicFile::create(out, mode).map_err(OutputError::at(out, OutputError::temp_file))?;
     let bar = progress_bar(progress, ck.page_count());
     let mut s = FlattenSummary {
         source: ck.path().display().to_string(),
@@ -141,19 +106,11 @@ pub fn flatten(
     };
     let written = copy_pages(ck, &disk_map, &records, file.file(), &mut s, &bar);
     bar.finish_and_clear();
-    let write_err = |source| FlattenError::Write {
-        path: out.to_owned(),
-        source,
-    };
-    s.checkpoint_bytes = written?.map_err(write_err)?;
-    file.sync().map_err(|source| FlattenError::Fsync {
-        path: out.to_owned(),
-        source,
-    })?;
-    file.commit().map_err(|source| FlattenError::Rename {
-        path: out.to_owned(),
-        source,
-    })?;
+    s.checkpoint_bytes = written?.map_err(OutputError::at(out, OutputError::write))?;
+    file.sync()
+        .map_err(OutputError::at(out, OutputError::fsync))?;
+    file.commit()
+        .map_err(OutputError::at(out, OutputError::rename))?;
     s.seconds = start.elapsed().as_secs_f64();
     log::info!(
         "flatten: {} -> {}: {} files into one, {} blobs ({} from ancestors), {} bytes in {:.2}s",

@@ -36,7 +36,7 @@ mod classify;
 
 use classify::{Classifier, Found};
 
-use crate::atomic_file::{self, AtomicFile};
+use crate::atomic_file::{self, AtomicFile, OutputError};
 use crate::checkpoint::{Checkpoint, MAX_PARENT_DEPTH, OpenError};
 use crate::disk::{DiskError, DiskImage};
 use crate::format::{self, CheckpointWriter, DiskRecord, Location, ParentRecord};
@@ -210,42 +210,9 @@ pub enum CreateError {
         #[source]
         source: io::Error,
     },
-    /// The temporary file could not be created.
-    #[error("creating a temporary file beside {path}")]
-    TempFile {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Writing the checkpoint failed.
-    #[error("writing checkpoint {path}")]
-    Write {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Flushing the checkpoint to stable storage failed.
-    #[error("flushing checkpoint {path} to disk")]
-    Fsync {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Renaming the finished file into place failed.
-    #[error("renaming the finished checkpoint into place as {path}")]
-    Rename {
-        /// The output path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    /// Writing the output file failed.
+    #[error(transparent)]
+    Output(#[from] crate::atomic_file::OutputError),
 }
 
 /// Classify every page of `mem` (a raw guest memory image, length a non-zero
@@ -321,10 +288,8 @@ fn create_from(
     let bar = progress_bar(opts, &inputs.disks, input.mem.len() as u64);
     let index = build_index(input, opts, &scan_disks, &bar)?;
     let mode = output_mode(input, opts, &inputs);
-    let mut file = AtomicFile::create(out, mode).map_err(|source| CreateError::TempFile {
-        path: out.to_owned(),
-        source,
-    })?;
+    let mut file =
+        AtomicFile::create(out, mode).map_err(OutputError::at(out, OutputError::temp_file))?;
     bar.set_message("classifying");
     let mut c = Classifier::new(input.mem, &scan_disks, index, opts, &inputs);
     let written = write_checkpoint(&mut c, input, &inputs, opts, file.file(), &bar);
@@ -334,21 +299,14 @@ fn create_from(
         ms(start)
     );
     let size = written.map_err(|e| match e {
-        Failed::Write(source) => CreateError::Write {
-            path: out.to_owned(),
-            source,
-        },
+        Failed::Write(source) => OutputError::write(out.to_owned(), source).into(),
         Failed::Create(e) => e,
     })?;
-    file.sync().map_err(|source| CreateError::Fsync {
-        path: out.to_owned(),
-        source,
-    })?;
+    file.sync()
+        .map_err(OutputError::at(out, OutputError::fsync))?;
     log::debug!("create: flushed to disk after {:.1} ms", ms(start));
-    file.commit().map_err(|source| CreateError::Rename {
-        path: out.to_owned(),
-        source,
-    })?;
+    file.commit()
+        .map_err(OutputError::at(out, OutputError::rename))?;
     Ok(c.finish(size, mode, start))
 }
 
