@@ -636,3 +636,39 @@ fn plot(out: &Path, plan: &Plan, r: &SizeRun) -> Result<()> {
 pub fn default_sizes(quick: bool) -> Vec<u64> {
     if quick { vec![1, 6] } else { vec![1, 16] }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(gib: u64, daemon: u64, table: u64) -> SizeRun {
+        SizeRun {
+            gib,
+            table_bytes: table,
+            restores: vec![RestoreRun {
+                method: "ckptfs".into(),
+                daemon_peak_rss: daemon,
+                ..RestoreRun::default()
+            }],
+            ..SizeRun::default()
+        }
+    }
+
+    #[test]
+    fn the_per_gib_slope_is_between_the_smallest_and_largest_guest() {
+        let runs = [size(16, 62 << 20, 48 << 20), size(1, 10 << 20, 3 << 20)];
+        let k = slope(&runs, |r| ckptfs_restore(r).map(|x| x.daemon_peak_rss)).unwrap();
+        assert!((k - 52.0 / 15.0).abs() < 1e-9, "{k}");
+        assert_eq!(slope(&runs, |r| Some(r.table_bytes)), Some(3.0));
+        assert_eq!(slope(&runs[..1], |r| Some(r.table_bytes)), None);
+    }
+
+    #[test]
+    fn reports_are_read_whole_or_from_their_last_object_line() {
+        let pretty = "{\n  \"pages\": 4\n}\n";
+        assert_eq!(json_of(pretty).unwrap()["pages"], 4);
+        let lines = "guest: booted\n{\"check\":\"0x1\"}\n";
+        assert_eq!(json_of(lines).unwrap()["check"], "0x1");
+        assert!(json_of("no json here\n").is_err());
+    }
+}
