@@ -39,6 +39,13 @@ impl Bins {
         }
         Ok(bins)
     }
+
+    /// A `vmm-lite` command whose stderr goes to ours.
+    pub fn vmm(&self) -> Command {
+        let mut c = Command::new(&self.vmm);
+        c.stderr(Stdio::inherit());
+        c
+    }
 }
 
 /// Runs `cmd` and parses the last JSON line of its stdout.

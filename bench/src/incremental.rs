@@ -22,7 +22,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -48,104 +48,19 @@ pub struct Plan {
     pub chain_pct: f64,
 }
 
-/// The binaries beside this one.
-struct Bins {
-    vmm: PathBuf,
-    mountd: PathBuf,
+use crate::fleet::{Bins, Mount, run_json};
+
+/// A mount of `ckpt` without a loading set (one daemon per restore).
+fn mount(bins: &Bins, ckpt: &Path, point: &Path) -> Result<Mount> {
+    Mount::new(bins, ckpt, point, &["--no-loading-set".to_owned()])
 }
 
-impl Bins {
-    fn find() -> Result<Self> {
-        let dir = std::env::current_exe()?
-            .parent()
-            .context("bench has no folder")?
-            .to_owned();
-        let bins = Bins {
-            vmm: dir.join("vmm-lite"),
-            mountd: dir.join("ckptfs-mountd"),
-        };
-        for p in [&bins.vmm, &bins.mountd] {
-            ensure!(
-                p.exists(),
-                "{} is not built; run `cargo build --release --workspace`",
-                p.display()
-            );
-        }
-        Ok(bins)
-    }
-
-    fn vmm(&self) -> Command {
-        let mut c = Command::new(&self.vmm);
-        c.stderr(Stdio::inherit());
-        c
-    }
-}
-
-fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed ({})", out.status);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .context("no JSON report")?;
-    serde_json::from_str(last).with_context(|| format!("parsing the report of {cmd:?}"))
-}
-
-/// A detached ckptfs mount; unmounted, and its daemon waited for, on drop.
-struct Mount {
-    point: PathBuf,
-    pid: u64,
-}
-
-impl Mount {
-    fn new(bins: &Bins, ckpt: &Path, point: &Path) -> Result<Self> {
-        std::fs::create_dir_all(point)?;
-        let st = Command::new(&bins.mountd)
-            .arg(ckpt)
-            .arg(point)
-            .arg("--no-loading-set")
-            .status()
-            .context("running ckptfs-mountd")?;
-        ensure!(
-            st.success(),
-            "ckptfs-mountd {} failed ({st})",
-            ckpt.display()
-        );
-        let stats: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(point.join("stats"))?)?;
-        Ok(Mount {
-            point: point.to_owned(),
-            pid: stats["pid"].as_u64().context("stats without pid")?,
-        })
-    }
-
-    fn memory_args(&self, cmd: &mut Command) {
-        cmd.arg("--mem-file")
-            .arg(self.point.join("memory"))
-            .arg("--state")
-            .arg(self.point.join("vmm-state"));
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.point)
-            .status();
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(30) {
-            let alive = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .is_ok_and(|s| !s.contains(") Z "));
-            if !alive {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("bench: ckptfs-mountd {} did not exit", self.pid);
-    }
+/// `--mem-file` and `--state` of a restore from `m`.
+fn memory_args(m: &Mount, cmd: &mut Command) {
+    cmd.arg("--mem-file")
+        .arg(m.memory())
+        .arg("--state")
+        .arg(m.point.join("vmm-state"));
 }
 
 /// One save measured.
@@ -268,10 +183,10 @@ fn save_after_work(
     extra: &[&str],
 ) -> Result<serde_json::Value> {
     evict(&files_under(&vm.dir))?;
-    let m = Mount::new(bins, parent, &vm.path("mnt"))?;
+    let m = mount(bins, parent, &vm.path("mnt"))?;
     let mut cmd = bins.vmm();
     cmd.arg("restore").arg("--disk").arg(&vm.disk);
-    m.memory_args(&mut cmd);
+    memory_args(&m, &mut cmd);
     cmd.args(["--checkpoint-after", &seconds.to_string(), "--writes"])
         .args(["--dirty-pct", &pct.to_string(), "-o"])
         .arg(out)
@@ -401,7 +316,7 @@ fn restore_timed(
     evict(&files_under(&vm.dir))?;
     let start = Instant::now();
     let mount = if lazy {
-        Some(Mount::new(bins, ckpt, &vm.path("mnt"))?)
+        Some(mount(bins, ckpt, &vm.path("mnt"))?)
     } else {
         None
     };
@@ -410,7 +325,7 @@ fn restore_timed(
     let mut cmd = bins.vmm();
     cmd.arg("restore").arg("--disk").arg(&vm.disk);
     match &mount {
-        Some(m) => m.memory_args(&mut cmd),
+        Some(m) => memory_args(m, &mut cmd),
         None => {
             cmd.arg("--ckpt").arg(ckpt);
         }

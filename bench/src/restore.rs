@@ -170,32 +170,7 @@ impl Method {
 }
 
 /// Where the built binaries are.
-pub struct Tools {
-    vmm: PathBuf,
-    mountd: PathBuf,
-}
-
-impl Tools {
-    /// The binaries beside this one (cargo puts the workspace's in one folder).
-    pub fn find() -> Result<Self> {
-        let dir = std::env::current_exe()?
-            .parent()
-            .context("bench has no folder")?
-            .to_owned();
-        let tools = Tools {
-            vmm: dir.join("vmm-lite"),
-            mountd: dir.join("ckptfs-mountd"),
-        };
-        for p in [&tools.vmm, &tools.mountd] {
-            ensure!(
-                p.exists(),
-                "{} is not built; run `cargo build --release --workspace`",
-                p.display()
-            );
-        }
-        Ok(tools)
-    }
-}
+pub type Tools = crate::fleet::Bins;
 
 /// One checkpointed VM, restored by every method.
 pub struct Vm {
