@@ -182,6 +182,22 @@ pub fn advise(file: &File, access: Access) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };
 }
 
+/// Drop `[offset, offset + len)` of `file` from the page cache (best effort):
+/// for bytes read once whose copy lives on elsewhere (a loading set's pages,
+/// a checkpoint's stored pages, once they are in the page cache of `memory`).
+pub fn drop_cached(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+}
+
 /// The user a file must be readable by: a daemon running as root on behalf of
 /// someone else serves a checkpoint only if that user could read it and every
 /// disk image and parent it names (the fingerprints and CRCs are integrity

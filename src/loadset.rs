@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::atomic_file::AtomicFile;
 use crate::checkpoint::ReadError;
 use crate::format::{get_u32, get_u64};
+use crate::input;
 use crate::source::PageReader;
 use crate::types::{PAGE_SIZE, PAGE_SIZE_U64, PageIndex};
 
@@ -407,7 +408,7 @@ impl LoadingSet {
             unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         }
         let mut hb = [0u8; HEADER_LEN];
-        let n = read_up_to(&file, &mut hb, 0).map_err(io_err)?;
+        let n = input::read_up_to(&file, &mut hb, 0).map_err(io_err)?;
         let header = Header::decode(&hb[..n], len).map_err(bad)?;
         if header.identity != source.identity() {
             return Err(LoadSetError::Foreign {
@@ -552,38 +553,12 @@ impl BlockReader<'_> {
                 source,
             })?;
         self.crc.update(&block.data);
-        drop_behind(&set.file, self.at, block.data.len() as u64);
+        // Read once: drop it from the page cache, so a loading set does not
+        // occupy memory twice (its own cache and `memory`'s).
+        input::drop_cached(&set.file, self.at, block.data.len() as u64);
         self.at += block.data.len() as u64;
         Ok(Some(block))
     }
-}
-
-/// The file is read once: drop what was just read from the page cache, so a
-/// loading set does not occupy memory twice (its own cache and `memory`'s).
-fn drop_behind(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
-}
-
-fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Merge first touches (page, ms since the first read, zero?) in touch order

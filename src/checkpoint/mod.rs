@@ -338,21 +338,12 @@ fn read_blobs(
     out: &mut [u8],
     drop: bool,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let offset = header.blobs_offset + b.0 * PAGE_SIZE_U64;
     file.read_exact_at(out, offset)?;
     if drop {
         // Blobs are whole pages at a page-aligned offset: exactly these pages go.
-        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
-        unsafe {
-            libc::posix_fadvise(
-                file.as_raw_fd(),
-                offset as libc::off_t,
-                out.len() as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            )
-        };
+        crate::input::drop_cached(file, offset, out.len() as u64);
     }
     Ok(())
 }
