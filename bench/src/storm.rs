@@ -130,15 +130,7 @@ pub fn run(plan: &Plan, dir: &Path, out: &Path) -> Result<()> {
             mine.push(r);
         }
         score(&mut mine, plan.window_ms);
-        for r in &mine {
-            eprintln!(
-                "bench storm:   {}: last VM TTR {}, largest work lag {:.0} ms",
-                r.method,
-                r.last_ttr_ms
-                    .map_or("never".into(), |t| format!("{t:.0} ms")),
-                r.max_lag_ms.unwrap_or(f64::NAN)
-            );
-        }
+        print_scores(rep, &mine);
         runs.extend(mine);
     }
     let jsonl: Vec<String> = runs
@@ -360,33 +352,39 @@ pub fn times_from_bins(bins: &[u64]) -> Vec<u64> {
 /// with windows of `window_ms`, each storm judged up to its [`horizon`].
 fn score(runs: &mut [StormRun], window_ms: u64) {
     let w = window_ms * 1_000_000;
-    let upto = |vms: &[VmRun], v: &VmRun| -> Vec<u64> {
-        let h = horizon(vms);
-        v.times.iter().copied().filter(|&t| t <= h).collect()
-    };
+    let upto =
+        |v: &VmRun, h: u64| -> Vec<u64> { v.times.iter().copied().filter(|&t| t <= h).collect() };
     let Some(warm) = runs.iter().find(|r| r.method == "warm") else {
         return;
     };
+    let warm_h = horizon(&warm.vms);
     let rates: Vec<f64> = warm
         .vms
         .iter()
-        .map(|v| ttr::warm_rate(&upto(&warm.vms, v), w))
+        .map(|v| ttr::warm_rate(&upto(v, warm_h), w))
         .collect();
     for r in runs.iter_mut() {
-        let ttrs: Vec<Option<f64>> = r
-            .vms
-            .iter()
-            .map(|v| {
-                ttr::ttr(&upto(&r.vms, v), rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6)
-            })
-            .collect();
         let h = horizon(&r.vms);
-        for (v, t) in r.vms.iter_mut().zip(ttrs) {
-            v.ttr_ms = t;
+        for v in &mut r.vms {
+            v.ttr_ms =
+                ttr::ttr(&upto(v, h), rates[v.vm], w, ttr::UTILIZATION).map(|t| t as f64 / 1e6);
             v.lag_ms = work_lag_ms(&v.times, h, rates[v.vm], w);
         }
         r.last_ttr_ms = last_ttr(&r.vms);
         r.max_lag_ms = r.vms.iter().filter_map(|v| v.lag_ms).reduce(f64::max);
+    }
+}
+
+/// One line per scored storm of repetition `rep` on the terminal.
+fn print_scores(rep: usize, storms: &[StormRun]) {
+    for r in storms {
+        eprintln!(
+            "bench storm: rep {rep} {}: last VM TTR {}, largest work lag {:.0} ms",
+            r.method,
+            r.last_ttr_ms
+                .map_or("never".into(), |t| format!("{t:.0} ms")),
+            r.max_lag_ms.unwrap_or(f64::NAN)
+        );
     }
 }
 
@@ -409,15 +407,7 @@ pub fn render(plan: &Plan, jsonl: &Path, out: &Path) -> Result<()> {
     for rep in 0..reps {
         let mut mine: Vec<StormRun> = runs.iter().filter(|r| r.rep == rep).cloned().collect();
         score(&mut mine, plan.window_ms);
-        for r in &mine {
-            eprintln!(
-                "bench storm: rep {rep} {}: last VM TTR {}, largest work lag {:.0} ms",
-                r.method,
-                r.last_ttr_ms
-                    .map_or("never".into(), |t| format!("{t:.0} ms")),
-                r.max_lag_ms.unwrap_or(f64::NAN)
-            );
-        }
+        print_scores(rep, &mine);
         scored.extend(mine);
     }
     let md = report(plan, &scored, &[]);
