@@ -67,10 +67,6 @@ pub struct RestoreRun {
     pub requests: u64,
     /// The VMM's peak RSS, and of it the peak anonymous and file-backed parts.
     pub vmm: Step,
-    /// Peak anonymous bytes of the VMM (sampled every 100 ms).
-    pub vmm_peak_anon: u64,
-    /// Peak file-backed bytes of the VMM (sampled).
-    pub vmm_peak_file: u64,
     /// The daemon's peak RSS (ckptfs).
     pub daemon_peak_rss: u64,
     /// Bytes the daemon rebuilt from disk images and stored pages (ckptfs stats).
@@ -398,8 +394,6 @@ fn restore(bins: &Bins, plan: &Plan, dir: &Path, check: &str, method: &str) -> R
         first_response_ms: times[0] as f64 / 1e6,
         total_ms,
         requests: times.len() as u64,
-        vmm_peak_anon: vmm.peak_anon,
-        vmm_peak_file: vmm.peak_file,
         vmm,
         daemon_peak_rss,
         daemon_read_bytes,
@@ -583,8 +577,8 @@ fn report(plan: &Plan, runs: &[SizeRun]) -> String {
                 x.first_response_ms,
                 x.total_ms / 1e3,
                 mib(x.vmm.peak_rss),
-                mib(x.vmm_peak_anon),
-                mib(x.vmm_peak_file),
+                mib(x.vmm.peak_anon),
+                mib(x.vmm.peak_file),
                 if x.method == "ckptfs" {
                     format!("{} MiB", mib(x.daemon_peak_rss))
                 } else {
