@@ -39,8 +39,9 @@ impl Policy {
     /// The default: `none` when a loading set is pre-warmed from local storage, else `all`.
     /// With a loading set, the background sweep's reads queue ahead of the next demand misses
     /// in the storage (a throttled disk's FIFO, a shared one's queue) and the VM stalls on
-    /// them: measured at 200 MB/s, `none` became responsive at 0.12 x eager-raw against
-    /// 1.24 x with `all` (bench/RESULTS.md). Without a set the sweep is what brings the
+    /// them: at 200 MB/s `none` lost less work than `all` in 5 of 6 side-by-side runs (one
+    /// noisy run had it the other way), and never in a login storm that `all` lost 7 of 15
+    /// times (bench/RESULTS.md). Without a set the sweep is what brings the
     /// working set in, and an object store's background fetch fills the local block cache.
     pub fn default_for(local_loading_set: bool) -> Policy {
         if local_loading_set {
