@@ -40,8 +40,8 @@ impl Policy {
     /// With a loading set, the background sweep's reads queue ahead of the next demand misses
     /// in the storage (a throttled disk's FIFO, a shared one's queue) and the VM stalls on
     /// them: at 200 MB/s `none` lost less work than `all` in 5 of 6 side-by-side runs (one
-    /// noisy run had it the other way), and never in a login storm that `all` lost 7 of 15
-    /// times (bench/RESULTS.md). Without a set the sweep is what brings the
+    /// noisy run had it the other way), and left 1 of 15 login storms unresponsive against
+    /// 7 of 15 with `all` (bench/RESULTS.md). Without a set the sweep is what brings the
     /// working set in, and an object store's background fetch fills the local block cache.
     pub fn default_for(local_loading_set: bool) -> Policy {
         if local_loading_set {
