@@ -39,7 +39,7 @@ impl Policy {
     /// The default: `none` when a loading set is pre-warmed from local storage, else `all`.
     /// With a loading set, the background sweep's reads queue ahead of the next demand misses
     /// in the storage (a throttled disk's FIFO, a shared one's queue) and the VM stalls on
-    /// them: at 200 MB/s `none` lost less work than `all` in 5 of 6 side-by-side runs (one
+    /// them: side by side, `none` lost less work than `all` in 5 of 6 runs (one
     /// noisy run had it the other way), and left 1 of 15 login storms unresponsive against
     /// 7 of 15 with `all` (bench/RESULTS.md). Without a set the sweep is what brings the
     /// working set in, and an object store's background fetch fills the local block cache.
