@@ -36,7 +36,7 @@
 
 use crate::abi;
 use crate::io;
-use crate::workload::{READ_CHUNK_PAGES, mix, page, page_addr, xorshift};
+use crate::workload::{APIC_HEAP_PAGE, READ_CHUNK_PAGES, mix, page, page_addr, xorshift};
 
 const SEG: u64 = abi::DESKTOP_SEGMENT_PAGES;
 /// Share of the working set's pages in file-page runs (the rest are singles), percent.
@@ -128,7 +128,7 @@ impl Desktop {
     /// Lays out `heap_pages` pages (a multiple of the segment size) for `params`. Segments
     /// from the APIC page up ([`abi::APIC_HOLE_ADDR`], in 4 GiB guests) stay free.
     pub fn new(params: &DesktopParams, heap_pages: u64, disk_pages: u64) -> Self {
-        let below_apic = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE / SEG;
+        let below_apic = APIC_HEAP_PAGE / SEG;
         let segs = (heap_pages / SEG).min(below_apic);
         let cache_pct = params.cache_pct.min(100);
         let anon_pct = params.anon_pct.min(100 - cache_pct);

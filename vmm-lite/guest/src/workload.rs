@@ -66,7 +66,7 @@ pub fn page(heap_page: u64) -> &'static mut Page {
 }
 
 /// Heap page index of the APIC page ([`abi::APIC_HOLE_ADDR`]).
-const APIC_HEAP_PAGE: u64 = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE;
+pub const APIC_HEAP_PAGE: u64 = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE;
 
 /// Guest address of heap page `heap_page`: heap pages are numbered without the APIC page,
 /// which pages from it up skip (only guests over 4 GiB reach it: the desktop keeps below
@@ -348,8 +348,7 @@ impl State {
     /// usable: the stride is a prime larger than any heap, so coprime with its size), the
     /// word and the value varying with k. Returns the pages written in all.
     pub fn dirty(&mut self, n: u64) -> u64 {
-        let below_apic = (abi::APIC_HOLE_ADDR - abi::HEAP_ADDR) / abi::PAGE_SIZE;
-        let usable = self.heap_pages.min(below_apic);
+        let usable = self.heap_pages.min(APIC_HEAP_PAGE);
         if usable == 0 {
             return self.dirtied;
         }
