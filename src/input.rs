@@ -182,7 +182,7 @@ pub fn advise(file: &File, access: Access) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };
 }
 
-/// Drop `[offset, offset + len)` of `file` from the page cache (best effort):
+/// Drop `[offset, offset + len)` of `file` (`len` 0: to its end) from the page cache (best effort):
 /// for bytes read once whose copy lives on elsewhere (a loading set's pages,
 /// a checkpoint's stored pages, once they are in the page cache of `memory`).
 pub fn drop_cached(file: &File, offset: u64, len: u64) {

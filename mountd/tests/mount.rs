@@ -588,12 +588,7 @@ fn stored_pages_are_not_cached_twice() {
     let h = *ck.header();
     assert!(h.blob_count > 16, "the fixture stores pages");
     // Cold checkpoint, then every page of `memory` read through the mount.
-    {
-        use std::os::fd::AsRawFd;
-        let f = fs::File::open(&env.fx.ckpt).unwrap();
-        // SAFETY: posix_fadvise only advises the kernel about an open descriptor.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    }
+    ckptfs::input::drop_cached(&fs::File::open(&env.fx.ckpt).unwrap(), 0, 0);
     let m = env.mount(&["--prefetch", "none"]);
     assert!(fs::read(env.memory()).unwrap() == env.original());
     let s = m.stats();
